@@ -1,0 +1,64 @@
+"""The one typed configuration of the service.
+
+Everything tunable lives here with its default and bounds. ``serve_config.yaml`` feeds the
+builder's arguments and each deployment's ``user_config`` into these models; nothing else in
+the code reads environment variables or hard-codes a limit.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+
+
+class _Strict(BaseModel):
+    # A misspelt key in serve_config.yaml must fail at deploy time, not be silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WeightsConfig(_Strict):
+    """Where weights come from: explicit paths, then a folder, then a verified download."""
+
+    paths: dict[str, Path] = Field(
+        default_factory=dict,
+        description="Model name (or file name) -> explicit local file; checked first.",
+    )
+    folder: Path | None = Field(
+        default=None, description="A folder of weight files under their official file names."
+    )
+    cache_dir: Path = Field(
+        default=Path("~/.cache/restore-serve/weights"),
+        description="Where verified downloads are kept (put it on a shared disk in a cluster).",
+    )
+    download: bool = Field(default=True, description="Fetch missing weights from the official URLs.")
+    download_timeout_s: float = Field(default=60.0, gt=0)
+
+    def resolved_cache_dir(self) -> Path:
+        return self.cache_dir.expanduser()
+
+
+class LimitsConfig(_Strict):
+    """Bounds checked from the image header, before any pixel is decoded."""
+
+    max_bytes: int = Field(default=25 * 1024 * 1024, gt=0)
+    max_pixels: int = Field(default=16_000_000, gt=0, description="Input width x height.")
+    max_output_pixels: int = Field(default=64_000_000, gt=0, description="Output width x height.")
+    max_faces: int = Field(default=20, gt=0, description="Faces restored per image; the largest are kept.")
+
+
+class TileConfig(_Strict):
+    """Fixed-shape tiles: every tile of every image has the same shape, so they batch."""
+
+    size: int = Field(default=256, ge=0, description="Tile side in input pixels; 0 runs whole images.")
+    overlap: int = Field(default=16, ge=0, description="Input pixels shared by neighbouring tiles.")
+    pre_pad: int = Field(default=10, ge=0, description="Reflection pad on the right and bottom, as upstream.")
+    batch_size: int = Field(default=8, gt=0, description="Tiles per forward pass.")
+
+
+class EngineConfig(_Strict):
+    device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    precision: Precision = Field(default="auto", description="auto: fp16 on CUDA, fp32 on CPU.")
+    tile: TileConfig = TileConfig()

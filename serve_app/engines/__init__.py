@@ -1,0 +1,1 @@
+"""Inference engines: plain PyTorch and numpy, importable and testable without Ray."""

@@ -1,0 +1,32 @@
+"""Which device and number format a network runs in."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from serve_app.config import Precision
+
+log = logging.getLogger(__name__)
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} was asked for, but CUDA is not available here")
+    return device
+
+
+def resolve_dtype(precision: Precision, device: torch.device) -> torch.dtype:
+    """auto is fp16 on CUDA (the official scripts' default) and fp32 on CPU.
+
+    Half precision on the CPU is refused: its convolutions are many times slower than fp32 there.
+    """
+    if device.type != "cuda":
+        if precision not in ("auto", "fp32"):
+            log.warning("precision %s is not used on %s; running fp32", precision, device)
+        return torch.float32
+    return torch.float16 if precision == "auto" else _DTYPES[precision]

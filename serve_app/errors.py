@@ -1,0 +1,74 @@
+"""One exception hierarchy for everything a caller can get wrong or the service can lack.
+
+Each error carries a short machine-readable ``code`` and the HTTP status the ingress answers
+with, so the mapping to HTTP lives here, in one table, and nowhere else.
+"""
+from __future__ import annotations
+
+
+class RestoreError(Exception):
+    """Base of every error this service reports to a caller."""
+
+    status: int = 400
+    code: str = "bad_request"
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+    def to_json(self) -> dict:
+        return {"error": self.code, "detail": self.detail}
+
+
+class InvalidOption(RestoreError):
+    status, code = 400, "invalid_option"
+
+
+class EmptyImage(RestoreError):
+    status, code = 400, "empty_image"
+
+
+class NotAnImage(RestoreError):
+    status, code = 400, "not_an_image"
+
+
+class CorruptImage(RestoreError):
+    """The header parsed but the pixels did not: a truncated or damaged file."""
+
+    status, code = 400, "corrupt_image"
+
+
+class UnsupportedFormat(RestoreError):
+    status, code = 415, "unsupported_format"
+
+
+class TooManyBytes(RestoreError):
+    status, code = 413, "too_many_bytes"
+
+
+class TooManyPixels(RestoreError):
+    status, code = 413, "too_many_pixels"
+
+
+class TooManyFaces(RestoreError):
+    status, code = 413, "too_many_faces"
+
+
+class WeightsUnavailable(RestoreError):
+    """A model's weights are neither on disk nor downloadable."""
+
+    status, code = 503, "weights_unavailable"
+
+
+class WeightsCorrupt(WeightsUnavailable):
+    """A file was fetched or converted but failed its integrity check."""
+
+    code = "weights_corrupt"
+
+
+class Overloaded(RestoreError):
+    status, code = 503, "overloaded"
+
+
+class RequestTimeout(RestoreError):
+    status, code = 504, "timeout"
