@@ -53,7 +53,8 @@ class TileConfig(_Strict):
     """Fixed-shape tiles: every tile of every image has the same shape, so they batch."""
 
     size: int = Field(default=256, ge=0, description="Tile side in input pixels; 0 runs whole images.")
-    overlap: int = Field(default=16, ge=0, description="Input pixels shared by neighbouring tiles.")
+    pad: int = Field(default=12, ge=0, description="Context pixels at a shared tile edge, discarded.")
+    blend: int = Field(default=8, ge=0, description="Pixels over which neighbouring tiles cross-fade.")
     pre_pad: int = Field(default=10, ge=0, description="Reflection pad on the right and bottom, as upstream.")
     batch_size: int = Field(default=8, gt=0, description="Tiles per forward pass.")
 

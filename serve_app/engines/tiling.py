@@ -31,12 +31,18 @@ def mod_pad(size: int, multiple: int) -> int:
 
 @dataclass(frozen=True)
 class TilePlan:
-    """Where the T x T tiles of an H x W (already padded) image start."""
+    """Where the T x T tiles of an H x W (already padded) image start.
+
+    Along an edge shared with a neighbour, a tile's outer ``pad`` pixels are context only
+    (weight 0: the network saw zero padding past them), and the next ``blend`` pixels fade
+    into the neighbour. Neighbours therefore overlap by ``2 * pad + blend``.
+    """
 
     height: int
     width: int
     tile: int
-    overlap: int
+    pad: int
+    blend: int
     ys: tuple[int, ...]
     xs: tuple[int, ...]
 
@@ -51,18 +57,18 @@ class TilePlan:
 def _starts(length: int, tile: int, overlap: int) -> tuple[int, ...]:
     if length <= tile:
         return (0,)
-    step = tile - overlap
-    starts = list(range(0, length - tile, step))
+    starts = list(range(0, length - tile, tile - overlap))
     starts.append(length - tile)  # the last tile ends flush with the image
     return tuple(starts)
 
 
-def plan_tiles(height: int, width: int, tile: int, overlap: int) -> TilePlan:
-    if not 0 <= overlap < tile // 2:
-        raise ValueError(f"tile overlap {overlap} must be under half the tile size {tile}")
+def plan_tiles(height: int, width: int, tile: int, pad: int, blend: int) -> TilePlan:
+    overlap = 2 * pad + blend
+    if tile <= 2 * overlap:
+        raise ValueError(f"tile size {tile} must exceed twice the overlap 2*pad+blend = {overlap}")
     if height < tile or width < tile:
         raise ValueError(f"pad the {height}x{width} image to at least the tile size {tile} first")
-    return TilePlan(height, width, tile, overlap, _starts(height, tile, overlap), _starts(width, tile, overlap))
+    return TilePlan(height, width, tile, pad, blend, _starts(height, tile, overlap), _starts(width, tile, overlap))
 
 
 def cut_tiles(img: np.ndarray, plan: TilePlan) -> np.ndarray:
@@ -71,27 +77,29 @@ def cut_tiles(img: np.ndarray, plan: TilePlan) -> np.ndarray:
     return np.stack([img[:, y : y + t, x : x + t] for y, x in plan.origins()])
 
 
-def _ramp(length: int, ramp: int, fade_in: bool, fade_out: bool) -> np.ndarray:
+def edge_weights(length: int, pad: int, blend: int, start_shared: bool, end_shared: bool) -> np.ndarray:
+    """1-D weights of a tile: 0 over ``pad``, a ramp over ``blend``, then 1, at each shared edge."""
     weights = np.ones(length, np.float32)
-    if ramp == 0:
-        return weights
-    rising = (np.arange(ramp, dtype=np.float32) + 0.5) / ramp  # never 0: every pixel stays covered
-    if fade_in:
-        weights[:ramp] = rising
-    if fade_out:
-        weights[-ramp:] = np.minimum(weights[-ramp:], rising[::-1])
+    # The ramp never reaches 0, so a pixel some neighbour fades out is always covered.
+    ramp = (np.arange(blend, dtype=np.float32) + 0.5) / blend if blend else np.zeros(0, np.float32)
+    if start_shared:
+        weights[:pad] = 0
+        weights[pad : pad + blend] = ramp
+    if end_shared:
+        weights[length - pad :] = 0
+        tail = slice(length - pad - blend, length - pad)
+        weights[tail] = np.minimum(weights[tail], ramp[::-1])
     return weights
 
 
 def stitch(outputs: np.ndarray, plan: TilePlan, scale: int) -> np.ndarray:
     """Blend N x C x (T*scale) x (T*scale) tile outputs into one C x (H*scale) x (W*scale) image."""
-    t, ramp = plan.tile * scale, plan.overlap * scale
-    channels = outputs.shape[1]
-    acc = np.zeros((channels, plan.height * scale, plan.width * scale), np.float32)
+    t, pad, blend = plan.tile * scale, plan.pad * scale, plan.blend * scale
+    acc = np.zeros((outputs.shape[1], plan.height * scale, plan.width * scale), np.float32)
     total = np.zeros((plan.height * scale, plan.width * scale), np.float32)
     for out, (y, x) in zip(outputs, plan.origins()):
-        wy = _ramp(t, ramp, y > 0, y + plan.tile < plan.height)
-        wx = _ramp(t, ramp, x > 0, x + plan.tile < plan.width)
+        wy = edge_weights(t, pad, blend, y > 0, y + plan.tile < plan.height)
+        wx = edge_weights(t, pad, blend, x > 0, x + plan.tile < plan.width)
         window = wy[:, None] * wx[None, :]
         oy, ox = y * scale, x * scale
         acc[:, oy : oy + t, ox : ox + t] += out * window

@@ -115,7 +115,7 @@ class Upscaler:
         _, h, w = padded.shape
         padded = pad_right_bottom(padded, max(tile - h, mod_pad(h, self.multiple)),
                                   max(tile - w, mod_pad(w, self.multiple)))
-        plan = plan_tiles(padded.shape[1], padded.shape[2], tile, self.tile.overlap)
+        plan = plan_tiles(padded.shape[1], padded.shape[2], tile, self.tile.pad, self.tile.blend)
         return _Plane(list(cut_tiles(padded, plan)), plan, height, width)
 
     # ------------------------------------------------------------------ step 2 (device)

@@ -1,0 +1,93 @@
+"""Face geometry and compositing: pure numpy/OpenCV functions, no torch.
+
+Each function mirrors one step of facexlib's FaceRestoreHelper (0.3.0), which GFPGANer
+uses, but keeps per-image data in arguments and return values instead of on ``self``,
+so one engine can serve concurrent requests.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+FACE_SIZE = 512
+# The 5-point template (eyes, nose, mouth corners) of a 512x512 aligned face (FFHQ layout).
+FACE_TEMPLATE = np.array(
+    [[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935],
+     [201.26117, 371.41043], [313.08905, 371.15118]]
+)
+# facexlib's grey fill for the area outside the photo when a face is near its border.
+_BORDER_FILL = (135, 133, 132)
+# ParseNet's 19 classes -> paste mask (facexlib's MASK_COLORMAP): the face regions are pasted;
+# background, neck, cloth, hair and hat (classes 0, 14, 16, 17, 18) stay as they were.
+_PARSE_TO_MASK = np.array([0, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 0, 255, 0, 0, 0],
+                          np.float64)
+MIN_EYE_DISTANCE = 5  # GFPGANer skips faces whose eyes are closer than this many pixels
+
+
+def faces_of(detections: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Boxes and 5x2 landmarks of detection rows (box 0-3, score 4, landmarks 5-14).
+
+    As GFPGANer, faces whose eyes are under MIN_EYE_DISTANCE pixels apart are dropped.
+    """
+    boxes, landmarks = [], []
+    for row in detections:
+        if np.linalg.norm([row[5] - row[7], row[6] - row[8]]) < MIN_EYE_DISTANCE:
+            continue
+        boxes.append(row[:4])
+        landmarks.append(np.array([[row[i], row[i + 1]] for i in range(5, 15, 2)]))
+    return boxes, landmarks
+
+
+def center_face_index(boxes: list[np.ndarray], height: int, width: int) -> int:
+    """The face whose box centre is nearest the image centre (facexlib's get_center_face)."""
+    centre = np.array([width / 2, height / 2])
+    dists = [np.linalg.norm(np.array([(b[0] + b[2]) / 2, (b[1] + b[3]) / 2]) - centre) for b in boxes]
+    return int(np.argmin(dists))
+
+
+def largest_indices(boxes: list[np.ndarray], keep: int, height: int, width: int) -> list[int]:
+    """Indices of the ``keep`` largest boxes (clipped to the image), in their original order."""
+    def area(b):
+        x1, x2 = np.clip([b[0], b[2]], 0, width)
+        y1, y2 = np.clip([b[1], b[3]], 0, height)
+        return (x2 - x1) * (y2 - y1)
+
+    ranked = sorted(range(len(boxes)), key=lambda i: -area(boxes[i]))[:keep]
+    return sorted(ranked)
+
+
+def align_face(img: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 512x512 aligned crop of one face and the 2x3 affine that made it."""
+    affine = cv2.estimateAffinePartial2D(landmarks, FACE_TEMPLATE, method=cv2.LMEDS)[0]
+    crop = cv2.warpAffine(img, affine, (FACE_SIZE, FACE_SIZE), borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=_BORDER_FILL)
+    return crop, affine
+
+
+def inverse_affine(affine: np.ndarray, upscale: float) -> np.ndarray:
+    """From the aligned crop back into the upscaled picture (with facexlib's half-pixel offset)."""
+    inverse = cv2.invertAffineTransform(affine) * upscale
+    if upscale > 1:
+        inverse[:, 2] += 0.5 * upscale
+    return inverse
+
+
+def parse_mask(parsing: np.ndarray) -> np.ndarray:
+    """A soft 512x512 paste mask in [0, 1] from ParseNet's per-pixel class indices."""
+    mask = _PARSE_TO_MASK[parsing]
+    mask = cv2.GaussianBlur(mask, (101, 101), 11)
+    mask = cv2.GaussianBlur(mask, (101, 101), 11)
+    border = 10
+    mask[:border, :] = 0
+    mask[-border:, :] = 0
+    mask[:, :border] = 0
+    mask[:, -border:] = 0
+    return mask / 255.0
+
+
+def paste_face(canvas: np.ndarray, face: np.ndarray, mask: np.ndarray, inverse: np.ndarray) -> np.ndarray:
+    """Blend one restored face into a float HxWx3 canvas through its warped soft mask."""
+    h, w = canvas.shape[:2]
+    warped_face = cv2.warpAffine(face, inverse, (w, h))
+    warped_mask = cv2.warpAffine(mask, inverse, (w, h), flags=cv2.INTER_AREA)[:, :, None]
+    return warped_mask * warped_face + (1 - warped_mask) * canvas

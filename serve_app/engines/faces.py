@@ -1,0 +1,192 @@
+"""The GFPGAN engine: detect, align, restore every face in one batch, paste back.
+
+It follows ``gfpgan.GFPGANer.enhance`` (so the output matches it on the same weights), with
+these deliberate differences:
+- ``strength`` in [0, 1] blends each restored face with its original crop. The official
+  ``-w/--weight`` reaches ``GFPGANv1Clean.forward`` and RestoreFormer's as an unused keyword
+  argument, so upstream it changes nothing; here it does.
+- All faces of an image go through the network in one batch (upstream: one at a time).
+- Grayscale, 16-bit and alpha pictures keep their mode: faces are found and restored on an
+  8-bit colour copy and composited into the picture's own bit depth (upstream crashes on
+  grayscale with a background upsampler, and pastes 8-bit faces into 16-bit backgrounds).
+- At most ``max_faces`` faces are restored: the largest ones; the rest are left as they are
+  and counted in ``faces_skipped``.
+The background upsampler is any callable ``(image, upscale) -> image``, so the server can
+route it to the GPU upscaler deployment.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from serve_app.engines import face_geometry as geo
+
+Detector = Callable[[np.ndarray], np.ndarray]  # BGR uint8 -> N x 15 (box, score, 5 landmarks)
+Background = Callable[[np.ndarray, float], np.ndarray]
+
+
+@dataclass
+class FaceJob:
+    image: np.ndarray  # the caller's picture, any mode (read-only is fine)
+    work: np.ndarray  # 8-bit BGR copy that faces are found in and cut from
+    crops: list[np.ndarray] = field(default_factory=list)
+    affines: list[np.ndarray] = field(default_factory=list)
+    faces_detected: int = 0
+
+
+@dataclass
+class FaceResult:
+    image: np.ndarray
+    faces_detected: int
+    faces_restored: int
+    cropped_faces: list[np.ndarray]
+    restored_faces: list[np.ndarray]
+
+    @property
+    def faces_skipped(self) -> int:
+        return self.faces_detected - self.faces_restored
+
+
+class RetinaFaceDetector:
+    """facexlib's RetinaFace with GFPGANer's 0.97 score threshold.
+
+    RetinaFace keeps per-call sizes on itself, so calls are serialised with a lock.
+    """
+
+    def __init__(self, network: nn.Module, threshold: float = 0.97):
+        self.network, self.threshold = network, threshold
+        self._lock = threading.Lock()
+
+    def __call__(self, bgr: np.ndarray) -> np.ndarray:
+        with self._lock, torch.inference_mode():
+            return np.asarray(self.network.detect_faces(bgr, self.threshold))
+
+
+class FaceEngine:
+    def __init__(self, restorer: nn.Module, parser: nn.Module, detector: Detector, *,
+                 device: torch.device, dtype: torch.dtype = torch.float32, max_faces: int = 20):
+        self.restorer, self.parser, self.detector = restorer, parser, detector
+        self.device, self.dtype, self.max_faces = device, dtype, max_faces
+
+    # ------------------------------------------------------------------ the whole path
+    def enhance(self, image: np.ndarray, *, upscale: float = 2, only_center_face: bool = False,
+                aligned: bool = False, strength: float = 1.0,
+                background: Background | None = None) -> FaceResult:
+        job = self.prepare(image, only_center_face=only_center_face, aligned=aligned)
+        restored = self.restore(job.crops, strength=strength)
+        return self.finish(job, restored, upscale=upscale, aligned=aligned, background=background)
+
+    # ------------------------------------------------------------------ step 1 (CPU + detector)
+    def prepare(self, image: np.ndarray, *, only_center_face: bool = False, aligned: bool = False) -> FaceJob:
+        work = to_bgr8(image)
+        job = FaceJob(image, work)
+        if aligned:  # the input already is an aligned face, as GFPGANer's has_aligned
+            job.crops = [cv2.resize(work, (geo.FACE_SIZE, geo.FACE_SIZE))]
+            job.faces_detected = 1
+            return job
+        boxes, landmarks = geo.faces_of(self.detector(work))
+        job.faces_detected = len(landmarks)
+        h, w = work.shape[:2]
+        if landmarks and only_center_face:
+            keep = [geo.center_face_index(boxes, h, w)]
+        else:
+            keep = geo.largest_indices(boxes, self.max_faces, h, w)
+        for i in keep:
+            crop, affine = geo.align_face(work, landmarks[i])
+            job.crops.append(crop)
+            job.affines.append(affine)
+        return job
+
+    # ------------------------------------------------------------------ step 2 (device)
+    @torch.inference_mode()
+    def restore(self, crops: list[np.ndarray], *, strength: float = 1.0) -> list[np.ndarray]:
+        """Restore 512x512 BGR uint8 crops in one batch; blend with the crops by ``strength``."""
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], not {strength}")
+        if not crops:
+            return []
+        x = _faces_to_tensor(crops).to(self.device, self.dtype)
+        out = self.restorer(x, return_rgb=False)[0]  # GFPGANer's call; RestoreFormer takes **kwargs
+        out = ((out.float().clamp_(-1, 1) + 1) / 2).cpu().numpy()  # basicsr.tensor2img, min_max=(-1, 1)
+        restored = [(cv2.cvtColor(o.transpose(1, 2, 0), cv2.COLOR_RGB2BGR) * 255.0).round().astype(np.uint8)
+                    for o in out]
+        if strength < 1.0:
+            restored = [cv2.addWeighted(r, strength, c, 1.0 - strength, 0) for r, c in zip(restored, crops)]
+        return restored
+
+    @torch.inference_mode()
+    def parse(self, faces: list[np.ndarray]) -> list[np.ndarray]:
+        """ParseNet class indices (512x512) of restored faces, in one batch."""
+        x = _faces_to_tensor(faces).to(self.device, torch.float32)
+        return list(self.parser(x)[0].argmax(dim=1).cpu().numpy())
+
+    # ------------------------------------------------------------------ step 3 (CPU)
+    def finish(self, job: FaceJob, restored: list[np.ndarray], *, upscale: float = 2, aligned: bool = False,
+               background: Background | None = None) -> FaceResult:
+        if aligned:
+            return FaceResult(restored[0], job.faces_detected, 1, job.crops, restored)
+        h, w = job.image.shape[:2]
+        size = (int(w * upscale), int(h * upscale))
+        base = background(job.image, upscale) if background is not None else job.image
+        canvas = cv2.resize(base, size, interpolation=cv2.INTER_LANCZOS4)
+        if restored:
+            canvas = self._paste(canvas, job, restored, upscale)
+        return FaceResult(canvas, job.faces_detected, len(restored), job.crops, restored)
+
+    def _paste(self, canvas: np.ndarray, job: FaceJob, restored: list[np.ndarray], upscale: float) -> np.ndarray:
+        dtype, gray = canvas.dtype, canvas.ndim == 2
+        alpha = canvas[:, :, 3:] if canvas.ndim == 3 and canvas.shape[2] == 4 else None
+        colour = cv2.cvtColor(canvas, cv2.COLOR_GRAY2BGR) if gray else canvas[:, :, :3]
+        # Faces are 8-bit; a 16-bit canvas gets them at its own range.
+        face_range = 65535.0 / 255.0 if dtype == np.uint16 else 1.0
+        blended = colour
+        for face, parsing, affine in zip(restored, self.parse(restored), job.affines):
+            face = face if face_range == 1.0 else face.astype(np.float32) * face_range
+            blended = geo.paste_face(blended, face, geo.parse_mask(parsing), geo.inverse_affine(affine, upscale))
+        # As facexlib: truncate, do not round, so the result matches GFPGANer byte for byte.
+        result = blended.astype(dtype)
+        if gray:
+            return cv2.cvtColor(result, cv2.COLOR_BGR2GRAY)
+        return np.concatenate([result, alpha], axis=2) if alpha is not None else result
+
+
+def to_bgr8(image: np.ndarray) -> np.ndarray:
+    """An 8-bit BGR copy of any decoded picture (grey, BGR or BGRA; 8 or 16 bit)."""
+    if image.dtype == np.uint16:
+        image = np.round(image.astype(np.float32) / 257.0).astype(np.uint8)
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+def _faces_to_tensor(faces: list[np.ndarray]) -> torch.Tensor:
+    """BGR uint8 faces -> N x 3 x 512 x 512 RGB float in [-1, 1], contiguous NCHW.
+
+    GFPGANv1Clean calls ``.view`` on its features, so the batch must be contiguous NCHW.
+    """
+    rgb = np.stack([cv2.cvtColor(f, cv2.COLOR_BGR2RGB) for f in faces]).astype(np.float32) / 255.0
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(0, 3, 1, 2))).sub_(0.5).div_(0.5)
+
+
+def load_face_engine(name: str, store, engine, *, max_faces: int = 20) -> FaceEngine:
+    """The registry face model ``name`` with RetinaFace and ParseNet, on ``engine``'s device."""
+    from serve_app.engines.device import resolve_device, resolve_dtype
+    from serve_app.engines.networks import load_network
+    from serve_app.weights.registry import get_spec
+
+    spec = get_spec(name)
+    if spec.kind != "face":
+        raise ValueError(f"{name} is a {spec.kind} model, not a face restorer")
+    device = resolve_device(engine.device)
+    dtype = resolve_dtype(engine.precision, device)
+    restorer = load_network(spec, store, device, dtype)
+    # Detection and parsing stay in fp32, as GFPGANer runs them.
+    detector = RetinaFaceDetector(load_network(get_spec("retinaface_resnet50"), store, device))
+    parser = load_network(get_spec("parsenet"), store, device)
+    return FaceEngine(restorer, parser, detector, device=device, dtype=dtype, max_faces=max_faces)
