@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from serve_app.errors import EmptyImage, NotAnImage, TooManyBytes, TooManyPixels, UnsupportedFormat
+from serve_app.errors import CorruptImage, EmptyImage, NotAnImage, TooManyBytes, TooManyPixels, UnsupportedFormat
 
 # Pillow format name -> ours. These are the formats OpenCV decodes at 8 and 16 bits.
 SUPPORTED = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff"}
 _EXIF_ORIENTATION = 0x0112
+_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*")
 _TEXT_MARKERS = (b"<svg", b"<?xml", b"<!doctype", b"<html")
 
 
@@ -52,6 +53,8 @@ def probe(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageHeader:
         except UnidentifiedImageError:
             raise _unrecognised(data) from None
         except (OSError, SyntaxError, ValueError) as exc:  # Pillow's "broken header" errors
+            if data.startswith(_SIGNATURES) or data[8:12] == b"WEBP":
+                raise CorruptImage(f"the image header is damaged or cut short: {exc}") from None
             raise NotAnImage(f"the image header could not be read: {exc}") from None
     if fmt not in SUPPORTED:
         raise UnsupportedFormat(f"{fmt} images are not supported; send PNG, JPEG, WebP, BMP or TIFF")

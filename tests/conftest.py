@@ -1,0 +1,73 @@
+"""Shared fixtures: real architectures with random weights, saved the way the official
+releases are and read back through our own weights store; real photos from scikit-image."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from skimage import data
+
+import serve_app  # noqa: F401  (installs the torchvision shim before any basicsr import)
+from serve_app.config import WeightsConfig
+from serve_app.engines.networks import build_network
+from serve_app.weights import WeightsStore, get_spec
+
+# The official files hold {"params_ema": ...} (Real-ESRGAN x4plus family, GFPGAN),
+# {"params": ...} (the v3 SRVGG models), or a bare DataParallel dict (RetinaFace).
+_LAYOUT = {
+    "RealESRGAN_x4plus": "params_ema",
+    "RealESRGAN_x2plus": "params_ema",
+    "realesr-animevideov3": "params",
+    "realesr-general-x4v3": "params",
+    "GFPGANv1.4": "params_ema",
+    "RestoreFormer": "params_ema",
+    "retinaface_resnet50": "module",
+    "parsenet": None,
+}
+
+
+def save_random_checkpoint(name: str, folder, seed: int = 0) -> None:
+    spec = get_spec(name)
+    for i, file in enumerate(spec.files):
+        torch.manual_seed(seed + i)
+        state = build_network(spec).state_dict()
+        layout = _LAYOUT[name]
+        if layout == "module":
+            payload = {f"module.{k}": v for k, v in state.items()}
+        elif layout is None:
+            payload = state
+        else:
+            payload = {layout: state}
+        torch.save(payload, folder / file.filename)
+
+
+@pytest.fixture(scope="session")
+def weights_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("weights")
+    for name in _LAYOUT:
+        save_random_checkpoint(name, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def store(weights_dir, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return WeightsStore(WeightsConfig(folder=weights_dir, cache_dir=cache, download=False))
+
+
+@pytest.fixture(scope="session")
+def astronaut_bgr() -> np.ndarray:
+    return cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR)
+
+
+@pytest.fixture(scope="session")
+def small_photo(astronaut_bgr) -> np.ndarray:
+    """A 40x56 piece of a real photo: big enough for texture, small enough for CPU tests."""
+    return np.ascontiguousarray(astronaut_bgr[100:140, 180:236])
+
+
+# The astronaut's face, as a detector would report it: box, score, eyes, nose, mouth corners.
+ASTRONAUT_FACE = np.array(
+    [[150, 40, 300, 230, 0.99, 200, 110, 250, 110, 225, 140, 205, 170, 245, 170]], np.float32
+)

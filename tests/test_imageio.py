@@ -1,0 +1,140 @@
+import io
+import struct
+import tracemalloc
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from serve_app.errors import (
+    CorruptImage, EmptyImage, InvalidOption, NotAnImage, TooManyBytes, TooManyPixels, UnsupportedFormat,
+)
+from serve_app.imageio import decode, default_output_format, encode, probe
+
+LIMITS = dict(max_bytes=10_000_000, max_pixels=4_000_000)
+
+
+def _png(pixels) -> bytes:
+    return cv2.imencode(".png", pixels)[1].tobytes()
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png_bomb(side: int) -> bytes:
+    """A valid PNG header claiming side x side grey pixels, with a small IDAT of zeros."""
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    squeeze = zlib.compressobj(9)
+    idat = b"".join(squeeze.compress(b"\0" * (side + 1)) for _ in range(2000)) + squeeze.flush()
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def test_decode_keeps_bgr_alpha_gray_and_16_bit(small_photo):
+    bgra = np.dstack([small_photo, small_photo[:, :, 0]])
+    wide = small_photo.astype(np.uint16) * 257 + 3
+    for pixels, mode, depth in [(small_photo, "BGR", 8), (bgra, "BGRA", 8),
+                                (small_photo[:, :, 1], "L", 8), (wide, "BGR", 16)]:
+        img = decode(_png(pixels), **LIMITS)
+        assert (img.mode, img.bit_depth, img.header.format) == (mode, depth, "png")
+        np.testing.assert_array_equal(img.pixels, pixels)
+
+
+def test_exif_orientation_is_applied(small_photo):
+    rgb = Image.fromarray(cv2.cvtColor(small_photo, cv2.COLOR_BGR2RGB))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: display needs 90 degrees clockwise
+    buf = io.BytesIO()
+    rgb.save(buf, "JPEG", quality=95, exif=exif)
+    img = decode(buf.getvalue(), **LIMITS)
+    h, w = small_photo.shape[:2]
+    assert img.header.orientation == 6 and img.pixels.shape[:2] == (w, h)
+    plain = cv2.imdecode(np.frombuffer(buf.getvalue(), np.uint8), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(img.pixels, np.rot90(plain, k=-1))
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_encode_round_trips(small_photo, fmt):
+    data = encode(small_photo, fmt, quality=100 if fmt != "png" else None)
+    back = decode(data, **LIMITS)
+    assert back.header.format == fmt and back.pixels.shape == small_photo.shape
+    error = np.abs(back.pixels.astype(int) - small_photo)
+    if fmt == "png":
+        assert error.max() == 0
+    else:  # lossy at quality 100: chroma subsampling still moves a few values
+        assert error.mean() < 2
+
+
+def test_encode_bit_depth_and_alpha_rules(small_photo):
+    wide = small_photo.astype(np.uint16) * 257
+    assert decode(encode(wide, "png"), **LIMITS).bit_depth == 16
+    assert decode(encode(wide, "jpeg"), **LIMITS).bit_depth == 8
+    bgra = np.dstack([small_photo, np.full(small_photo.shape[:2], 128, np.uint8)])
+    assert decode(encode(bgra, "jpeg"), **LIMITS).mode == "BGR"
+    assert decode(encode(bgra, "webp", quality=101), **LIMITS).mode == "BGRA"
+    with pytest.raises(InvalidOption):
+        encode(small_photo, "gif")
+    with pytest.raises(InvalidOption):
+        encode(small_photo, "jpeg", quality=0)
+
+
+def test_default_output_format():
+    assert default_output_format("jpeg") == "jpeg"
+    assert default_output_format("webp") == "png"
+
+
+@pytest.mark.parametrize(
+    "data, error",
+    [
+        (b"", EmptyImage),
+        (b"hello, this is plainly not a picture" * 10, NotAnImage),
+        (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>',
+         UnsupportedFormat),
+        (b"<svg width='4' height='4'></svg>", UnsupportedFormat),
+    ],
+)
+def test_bad_bytes_get_typed_errors(data, error):
+    with pytest.raises(error):
+        decode(data, **LIMITS)
+
+
+def test_gif_is_unsupported():
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "GIF")
+    with pytest.raises(UnsupportedFormat):
+        decode(buf.getvalue(), **LIMITS)
+
+
+@pytest.mark.parametrize("fmt", [".png", ".jpg", ".webp"])
+def test_truncated_files_are_corrupt(small_photo, fmt):
+    whole = cv2.imencode(fmt, small_photo)[1].tobytes()
+    with pytest.raises(CorruptImage):
+        decode(whole[: len(whole) * 2 // 3], **LIMITS)
+
+
+def test_byte_limit_is_checked_first(small_photo):
+    data = _png(small_photo)
+    with pytest.raises(TooManyBytes):
+        decode(data, max_bytes=len(data) - 1, max_pixels=10**9)
+
+
+def test_pixel_bomb_is_refused_from_the_header_without_allocating():
+    bomb = _png_bomb(30000)  # 900 Mpx claimed, about 1 kB of IDAT
+    assert len(bomb) < 900_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(TooManyPixels):
+            decode(bomb, **LIMITS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2_000_000  # decoding it would take 900 MB
+
+
+def test_pixel_limit_below_pillows_own(small_photo):
+    h, w = small_photo.shape[:2]
+    assert probe(_png(small_photo), max_bytes=10**6, max_pixels=h * w).pixels == h * w
+    with pytest.raises(TooManyPixels):
+        probe(_png(small_photo), max_bytes=10**6, max_pixels=h * w - 1)
