@@ -152,3 +152,17 @@ def test_denoise_blend_matches_realesrganer_dni(store, weights_dir):
         torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0)
     with pytest.raises(ValueError):
         blend_state_dicts(ours, ours, 1.5)
+
+
+def test_weights_cli_lists_and_downloads(tmp_path, weights_dir, server, capsys, monkeypatch):
+    from serve_app.weights import cli
+
+    assert cli.main(["--folder", str(weights_dir), "--cache-dir", str(tmp_path), "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "RealESRGAN_x4plus" in listing and "present" in listing and "missing" in listing
+    spec = replace(get_spec("RealESRGAN_x4plus"), file=WeightFile("model.pth", f"{server}/good.pth", PAYLOAD_SHA))
+    monkeypatch.setitem(cli.MODELS, spec.name, spec)
+    assert cli.main(["--cache-dir", str(tmp_path / "cache"), "download", spec.name]) == 0
+    assert (tmp_path / "cache" / "model.pth").read_bytes() == PAYLOAD
+    with pytest.raises(SystemExit):
+        cli.main(["download", "no-such-model"])
