@@ -63,3 +63,18 @@ class EngineConfig(_Strict):
     device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     precision: Precision = Field(default="auto", description="auto: fp16 on CUDA, fp32 on CPU.")
     tile: TileConfig = TileConfig()
+
+
+class AppArgs(_Strict):
+    """The builder's arguments: the ``args:`` of serve_config.yaml."""
+
+    weights: WeightsConfig = WeightsConfig()
+    limits: LimitsConfig = LimitsConfig()
+    engine: EngineConfig = EngineConfig()
+    upscalers: list[str] = Field(default_factory=lambda: ["RealESRGAN_x4plus"],
+                                 description="Real-ESRGAN models the service offers.")
+    face_models: list[str] = Field(default_factory=lambda: ["GFPGANv1.4"])
+    gpu_fraction: float | None = Field(
+        default=None, ge=0, le=1,
+        description="GPU share of each model deployment; None: 0.5 when Ray has GPUs, else 0 (CPU).",
+    )

@@ -1,0 +1,37 @@
+"""The request schema of POST /v1/restore: every option, its type and bounds, in one place."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from serve_app.errors import InvalidOption
+from serve_app.weights.registry import DEFAULT_FACE_MODEL, DEFAULT_UPSCALER
+
+
+class RestoreOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(default=DEFAULT_UPSCALER, description="A Real-ESRGAN model, or 'none' for faces only.")
+    scale: float | None = Field(default=None, gt=0, le=8, description="Output scale; default the model's.")
+    denoise: float | None = Field(default=None, ge=0, le=1, description="realesr-general-x4v3 only.")
+    face_enhance: bool = False
+    face_model: str = DEFAULT_FACE_MODEL
+    face_strength: float = Field(default=1.0, ge=0, le=1)
+    only_center_face: bool = False
+    aligned: bool = False
+    alpha_upsampler: Literal["realesrgan", "bicubic"] = "realesrgan"
+    format: Literal["png", "jpeg", "webp"] | None = None
+    quality: int | None = Field(default=None, ge=1, le=101)
+
+    @property
+    def upscaler(self) -> str | None:
+        return None if self.model == "none" else self.model
+
+
+def parse_options(values: dict) -> RestoreOptions:
+    try:
+        return RestoreOptions.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise InvalidOption(problems) from None
