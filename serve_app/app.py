@@ -31,8 +31,12 @@ def build_app(args: dict | AppArgs) -> Application:
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     fraction = _gpu_fraction(args)
     log.info("model deployments ask for %.2f GPU each", fraction)
-    gpu = {"num_gpus": fraction, "num_cpus": 1}
-    preprocess = PreprocessDeployment.options(ray_actor_options={"num_cpus": 1, "num_gpus": 0}).bind(args)
+    # Logical CPU shares small enough that the whole graph fits on a 1-core machine; the work
+    # itself uses the cores torch and OpenCV find, whatever Ray reserves.
+    gpu = {"num_gpus": fraction, "num_cpus": 0.25}
+    cpu = {"num_gpus": 0, "num_cpus": 0.25}
+    preprocess = PreprocessDeployment.options(ray_actor_options=cpu).bind(args)
     upscaler = UpscalerDeployment.options(ray_actor_options=gpu).bind(args)
     faces = FaceDeployment.options(ray_actor_options=gpu).bind(args, upscaler)
-    return Ingress.options(ray_actor_options={"num_cpus": 0.5, "num_gpus": 0}).bind(args, preprocess, upscaler, faces)
+    ingress = {"num_gpus": 0, "num_cpus": 0.1}
+    return Ingress.options(ray_actor_options=ingress).bind(args, preprocess, upscaler, faces)
