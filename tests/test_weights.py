@@ -42,7 +42,8 @@ def server():
 
 
 def _store_for(tmp_path, url, sha, **config):
-    spec = replace(get_spec("RealESRGAN_x4plus"), file=WeightFile("model.pth", url, sha))
+    # No ncnn twin: these tests are about the download path alone.
+    spec = replace(get_spec("RealESRGAN_x4plus"), file=WeightFile("model.pth", url, sha), ncnn=None)
     store = WeightsStore(WeightsConfig(cache_dir=tmp_path / "cache", **config))
     return spec, store
 
@@ -71,7 +72,8 @@ def test_good_download_lands_in_cache(tmp_path, server):
     path = store.fetch(spec, spec.file)
     assert path == tmp_path / "cache" / "model.pth" and path.read_bytes() == PAYLOAD
     assert _cache_listing(tmp_path) == ["model.pth"]
-    assert store.status(spec)["files"][0] == {"file": "model.pth", "present": True, "source": "cache"}
+    assert store.status(spec)["files"][0] == {"file": "model.pth", "present": True, "source": "cache",
+                                                 "ncnn_fallback": False}
 
 
 def test_wrong_checksum_leaves_nothing(tmp_path, server):

