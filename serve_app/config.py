@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
@@ -57,6 +57,13 @@ class TileConfig(_Strict):
     blend: int = Field(default=8, ge=0, description="Pixels over which neighbouring tiles cross-fade.")
     pre_pad: int = Field(default=10, ge=0, description="Reflection pad on the right and bottom, as upstream.")
     batch_size: int = Field(default=8, gt=0, description="Tiles per forward pass.")
+
+    @model_validator(mode="after")
+    def _tile_holds_its_margins(self):
+        overlap = 2 * self.pad + self.blend
+        if self.size and self.size <= 2 * overlap:
+            raise ValueError(f"tile size {self.size} must exceed twice the overlap 2*pad+blend = {overlap}")
+        return self
 
 
 class EngineConfig(_Strict):

@@ -1,5 +1,8 @@
 import numpy as np
 import pytest
+from pydantic import ValidationError
+
+from serve_app.config import TileConfig
 
 from serve_app.engines.tiling import cut_tiles, edge_weights, mod_pad, pad_right_bottom, plan_tiles, stitch
 
@@ -39,3 +42,10 @@ def test_padding_helpers():
     assert padded.shape == (1, 5, 9)
     np.testing.assert_array_equal(padded[0, 3], padded[0, 1])
     assert mod_pad(10, 4) == 2 and mod_pad(12, 4) == 0
+
+
+def test_tile_config_refuses_tiles_too_small_for_their_margins():
+    assert TileConfig(size=96, pad=12, blend=8).size == 96
+    assert TileConfig(size=0).size == 0  # whole images
+    with pytest.raises(ValidationError):
+        TileConfig(size=64, pad=12, blend=8)
