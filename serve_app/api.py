@@ -1,8 +1,10 @@
 """The request schema of POST /v1/restore: every option, its type and bounds, in one place."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serve_app.errors import InvalidOption
@@ -35,3 +37,15 @@ def parse_options(values: dict) -> RestoreOptions:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
         raise InvalidOption(problems) from None
+
+
+@dataclass
+class Restored:
+    """What the Python API returns: the restored array and what it is."""
+
+    pixels: np.ndarray  # HxW, HxWx3 BGR or HxWx4 BGRA; the input's bit depth
+    width: int
+    height: int
+    mode: str
+    faces: int  # faces restored (0 without face_enhance)
+    timings_ms: dict[str, float]

@@ -72,16 +72,28 @@ class EngineConfig(_Strict):
     tile: TileConfig = TileConfig()
 
 
+class RuntimeConfig(_Strict):
+    """Knobs a running service can change: the deployments' ``user_config``, applied by
+    ``reconfigure`` without restarting replicas. One schema for all deployments; each reads
+    the part it needs (serve_config.yaml shares one YAML anchor between them)."""
+
+    limits: LimitsConfig = LimitsConfig()
+    tile: TileConfig = TileConfig()
+    precision: Precision = "auto"
+    upscaler_batch_wait_s: float = Field(default=0.005, ge=0, le=1)
+    face_batch_size: int = Field(default=8, gt=0)
+    face_batch_wait_s: float = Field(default=0.005, ge=0, le=1)
+    request_timeout_s: float = Field(default=120.0, gt=0)
+
+    def engine(self, device: str) -> EngineConfig:
+        return EngineConfig(device=device, precision=self.precision, tile=self.tile)
+
+
 class AppArgs(_Strict):
-    """The builder's arguments: the ``args:`` of serve_config.yaml."""
+    """The builder's arguments (the ``args:`` of serve_config.yaml): what the graph is made of."""
 
     weights: WeightsConfig = WeightsConfig()
-    limits: LimitsConfig = LimitsConfig()
-    engine: EngineConfig = EngineConfig()
+    device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'cuda:N' for the model deployments.")
     upscalers: list[str] = Field(default_factory=lambda: ["RealESRGAN_x4plus"],
                                  description="Real-ESRGAN models the service offers.")
     face_models: list[str] = Field(default_factory=lambda: ["GFPGANv1.4"])
-    gpu_fraction: float | None = Field(
-        default=None, ge=0, le=1,
-        description="GPU share of each model deployment; None: 0.5 when Ray has GPUs, else 0 (CPU).",
-    )

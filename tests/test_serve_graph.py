@@ -1,80 +1,318 @@
-"""The real graph on a local Ray instance with one logical GPU, over real HTTP."""
+"""The real graph, deployed from serve_config.yaml with the `serve` command line onto one
+local Ray instance with a logical GPU (so fractional placement is real), over real HTTP and
+through handles. Ray and Serve start once for the whole module."""
+from __future__ import annotations
+
+import asyncio
 import base64
+import copy
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import cv2
 import httpx
 import numpy as np
 import pytest
 import ray
+import yaml
 from ray import serve
+from ray.serve.schema import ServeDeploySchema
 
-from serve_app.app import build_app
-from serve_app.config import AppArgs, EngineConfig, TileConfig, WeightsConfig
+from conftest import ASTRONAUT_FACE
+from serve_app.config import EngineConfig, TileConfig
+from serve_app.engines import face_geometry as geo
+from serve_app.engines.upscaler import load_upscaler
 
+ROOT = Path(__file__).resolve().parent.parent
 URL = "http://127.0.0.1:8000"
+DASHBOARD = "http://127.0.0.1:8265"
+TEST_RUNTIME = {
+    "precision": "auto",
+    "tile": {"size": 64, "pad": 8, "blend": 4, "batch_size": 8},
+    "upscaler_batch_wait_s": 0.1,  # long enough on 2 CPU cores for concurrent tiles to meet
+    "face_batch_size": 8,
+    "face_batch_wait_s": 0.2,
+    "request_timeout_s": 120,
+    "limits": {"max_bytes": 2_000_000, "max_pixels": 1_000_000, "max_output_pixels": 16_000_000,
+               "max_faces": 4},
+}
+
+
+def _config(weights_dir: Path, cache: Path, runtime: dict) -> dict:
+    """serve_config.yaml as shipped, with test weights, CPU engines and quick autoscaling."""
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    app = config["applications"][0]
+    app["args"].update(device="cpu", upscalers=["realesr-animevideov3", "RealESRGAN_x4plus", "RealESRNet_x4plus"],
+                       face_models=["GFPGANv1.4"])
+    app["args"]["weights"] = {"folder": str(weights_dir), "cache_dir": str(cache), "download": False}
+    deployments = {d["name"]: d for d in app["deployments"]}
+    for d in deployments.values():
+        d["user_config"] = copy.deepcopy(runtime)
+    up = deployments["UpscalerDeployment"]
+    up["ray_actor_options"]["num_gpus"] = 0.25  # two upscaler replicas + one face replica = one GPU
+    up.update(max_ongoing_requests=8, max_queued_requests=4)
+    up["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                                "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 2,
+                                "metrics_interval_s": 0.5}
+    return config
+
+
+def _deploy(config: dict, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config))
+    serve_cli = Path(sys.executable).parent / "serve"  # the one installed beside this Python
+    subprocess.run([str(serve_cli), "deploy", str(path), "--address", DASHBOARD], check=True, timeout=120)
+
+
+def _wait_for(condition, timeout: float = 120, what: str = "condition") -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if condition():
+            return time.monotonic() - start
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
+def _running(app="restore") -> bool:
+    status = serve.status().applications.get(app)
+    return status is not None and status.status == "RUNNING"
+
+
+def _replicas(name: str) -> int:
+    deployment = serve.status().applications["restore"].deployments[name]
+    return deployment.replica_states.get("RUNNING", 0)
 
 
 @pytest.fixture(scope="module")
-def service(weights_dir, tmp_path_factory):
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False)
-    args = AppArgs(
-        weights=WeightsConfig(folder=weights_dir, cache_dir=tmp_path_factory.mktemp("c"), download=False),
-        upscalers=["realesr-animevideov3", "RealESRGAN_x4plus", "RealESRNet_x4plus"],
-        engine=EngineConfig(device="cpu", tile=TileConfig(size=64, pad=8, blend=4)),
-    )
-    serve.run(build_app(args), name="restore", route_prefix="/")
-    with httpx.Client(base_url=URL, timeout=120) as client:
-        yield client
+def deployed(weights_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    ray.init(num_cpus=6, num_gpus=1, include_dashboard=True, dashboard_host="127.0.0.1")
+    config = _config(weights_dir, tmp / "cache", TEST_RUNTIME)
+    _wait_for(lambda: _answers(f"{DASHBOARD}/api/version"), 60, "the dashboard")  # 401 without the token: up
+    _deploy(config, tmp / "config.yaml")
+    _wait_for(_running, 180, "the application")
+    yield {"config": config, "path": tmp / "config.yaml"}
     serve.shutdown()
     ray.shutdown()
 
 
-def _png(img):
+@pytest.fixture(scope="module")
+def client(deployed):
+    with httpx.Client(base_url=URL, timeout=120) as http:
+        yield http
+
+
+def _png(img) -> bytes:
     return cv2.imencode(".png", img)[1].tobytes()
 
 
-def test_gpu_deployments_share_one_logical_gpu(service):
-    assert service.get("/healthz").status_code == 200
-    # Real-ESRGAN and GFPGAN replicas hold 0.5 each of the one logical GPU: none is left.
+def _image(response) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(response.content, np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+def test_serve_config_validates_with_rays_own_schema():
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    deployments = {d.name: d for d in schema.applications[0].deployments}
+    assert set(deployments) == {"Ingress", "PreprocessDeployment", "UpscalerDeployment", "FaceDeployment"}
+    for name in ("UpscalerDeployment", "FaceDeployment"):
+        d = deployments[name]
+        assert d.ray_actor_options.num_gpus == 0.5 and d.ray_actor_options.num_cpus > 0
+        batch = d.user_config["tile"]["batch_size"] if name == "UpscalerDeployment" else d.user_config["face_batch_size"]
+        assert d.max_ongoing_requests >= batch  # otherwise batches never fill
+        assert d.autoscaling_config["max_replicas"] > d.autoscaling_config["min_replicas"]
+    raw = {d["name"]: d for d in config["applications"][0]["deployments"]}
+    assert all({"num_cpus", "num_gpus"} <= set(d["ray_actor_options"]) for d in raw.values())  # restated whole
+
+
+def test_gpu_deployments_share_the_logical_gpu(client):
+    health = client.get("/healthz")
+    assert health.status_code == 503 and "RealESRNet_x4plus" in health.json()["models"]  # offered, no file
     assert ray.cluster_resources()["GPU"] == 1
-    assert ray.available_resources().get("GPU", 0) == pytest.approx(0.0)
+    assert ray.available_resources().get("GPU", 0) == pytest.approx(0.25)  # 0.25 upscaler + 0.5 faces held
 
 
-def test_restore_raw_bytes_returns_a_4x_png(service, small_photo):
-    r = service.post("/v1/restore", params={"model": "realesr-animevideov3"}, content=_png(small_photo))
-    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
-    assert r.headers["x-request-id"] and "x-timing-restore-ms" in r.headers
-    out = cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_UNCHANGED)
-    assert out.shape == (160, 224, 3)
+def test_raw_multipart_and_json_bodies(client, small_photo):
+    raw = client.post("/v1/restore", params={"model": "realesr-animevideov3"}, content=_png(small_photo))
+    assert raw.status_code == 200 and raw.headers["content-type"] == "image/png"
+    assert raw.headers["x-request-id"] and float(raw.headers["x-timing-restore-ms"]) > 0
+    assert _image(raw).shape == (160, 224, 3)
+    form = client.post("/v1/restore", files={"image": ("p.png", _png(small_photo), "image/png")},
+                       data={"model": "realesr-animevideov3", "scale": "2", "format": "webp"})
+    assert form.status_code == 200 and form.headers["content-type"] == "image/webp"
+    assert _image(form).shape == (80, 112, 3)
+    body = client.post("/v1/restore", json={"image": base64.b64encode(_png(small_photo)).decode(),
+                                            "model": "realesr-animevideov3", "format": "jpeg", "quality": 80}).json()
+    assert (body["format"], body["width"], body["height"], body["faces"]) == ("jpeg", 224, 160, 0)
+    jpeg = client.post("/v1/restore", params={"model": "realesr-animevideov3"},
+                       content=cv2.imencode(".jpg", small_photo)[1].tobytes())
+    assert jpeg.headers["content-type"] == "image/jpeg"  # JPEG in, JPEG out by default
 
 
-def test_restore_json_and_legacy_inference(service, small_photo):
-    image = base64.b64encode(_png(small_photo)).decode()
-    r = service.post("/v1/restore", json={"image": image, "model": "realesr-animevideov3", "scale": 2,
-                                          "format": "jpeg"})
-    body = r.json()
-    assert r.status_code == 200 and (body["format"], body["width"], body["height"]) == ("jpeg", 112, 80)
-    r = service.post("/inference", json={"img_str": image, "tile": 0, "half": False})
-    assert r.status_code == 200  # a JSON string holding the base64 PNG of the x4 result
+def test_served_output_equals_the_engine(client, store, small_photo):
+    served = _image(client.post("/v1/restore", params={"model": "RealESRGAN_x4plus"}, content=_png(small_photo)))
+    tile = TileConfig(**TEST_RUNTIME["tile"])
+    local = load_upscaler("RealESRGAN_x4plus", store, EngineConfig(device="cpu", tile=tile)).upscale([small_photo])[0]
+    np.testing.assert_array_equal(served, local)
+
+
+def test_faces_through_the_graph(client, astronaut_bgr):
+    # Random RetinaFace weights "find" arbitrary faces: the path runs end to end, the background
+    # upscaled on the Real-ESRGAN deployment, and limits.max_faces (4 here) caps the count.
+    r = client.post("/v1/restore", params={"face_enhance": "true", "model": "realesr-animevideov3", "scale": 2},
+                    content=_png(astronaut_bgr[:96, :128]))
+    assert r.status_code == 200 and _image(r).shape == (192, 256, 3)
+    assert 0 <= int(r.headers["x-faces-restored"]) <= 4
+    _, landmarks = geo.faces_of(ASTRONAUT_FACE)
+    crop, _ = geo.align_face(astronaut_bgr, landmarks[0])
+    aligned = client.post("/v1/restore", params={"face_enhance": "true", "aligned": "true", "model": "none"},
+                          content=_png(crop))
+    assert aligned.status_code == 200 and aligned.headers["x-faces-restored"] == "1"
+    assert _image(aligned).shape == (512, 512, 3)
+
+
+def test_legacy_inference_contract(client, small_photo):
+    r = client.post("/inference", json={"img_str": base64.b64encode(_png(small_photo)).decode(), "tile": 0,
+                                        "half": False})
+    assert r.status_code == 200
     out = cv2.imdecode(np.frombuffer(base64.b64decode(r.json()), np.uint8), cv2.IMREAD_UNCHANGED)
     assert out.shape == (160, 224, 3)
 
 
+def _png_bomb() -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 30001)) + chunk(b"IEND", b""))
+
+
 @pytest.mark.parametrize("params, content, status, code", [
-    ({"model": "realesr-animevideov3"}, b"", 400, "empty_image"),
-    ({"model": "realesr-animevideov3"}, b"plain text, not an image" * 4, 400, "not_an_image"),
-    ({"model": "realesr-animevideov3"}, b"<svg xmlns='http://www.w3.org/2000/svg'/>", 415, "unsupported_format"),
-    ({"model": "realesr-animevideov3", "scale": "-1"}, None, 400, "invalid_option"),
+    ({}, b"", 400, "empty_image"),
+    ({}, b"plain text, not an image" * 4, 400, "not_an_image"),
+    ({}, "truncated", 400, "corrupt_image"),
+    ({}, b"<svg xmlns='http://www.w3.org/2000/svg'/>", 415, "unsupported_format"),
+    ({}, "bomb", 413, "too_many_pixels"),
+    ({}, b"\x89PNG" + b"\0" * 3_000_000, 413, "too_many_bytes"),
+    ({"scale": "-1"}, None, 400, "invalid_option"),
+    ({"face_strength": "2"}, None, 400, "invalid_option"),
+    ({"format": "gif"}, None, 400, "invalid_option"),
     ({"model": "no-such-model"}, None, 400, "invalid_option"),
+    ({"model": "none"}, None, 400, "invalid_option"),
     ({"model": "RealESRNet_x4plus"}, None, 503, "weights_unavailable"),  # offered, no file
 ])
-def test_errors_are_typed_json(service, small_photo, params, content, status, code):
-    r = service.post("/v1/restore", params=params, content=_png(small_photo) if content is None else content)
+def test_errors_are_typed_json(client, small_photo, params, content, status, code):
+    png = _png(small_photo)
+    content = {None: png, "truncated": png[: len(png) // 2], "bomb": _png_bomb()}.get(content, content)
+    params = {"model": "realesr-animevideov3", **params}
+    r = client.post("/v1/restore", params=params, content=content)
     assert (r.status_code, r.json()["error"]) == (status, code), r.text
-    assert r.json()["detail"]
+    assert r.json()["detail"] and r.headers["x-request-id"]
 
 
-def test_models_lists_presence(service):
-    models = {m["name"]: m for m in service.get("/v1/models").json()["models"]}
+def test_models_and_unknown_routes(client):
+    models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
     assert models["realesr-animevideov3"]["present"] and models["realesr-animevideov3"]["offered"]
     assert models["RealESRNet_x4plus"]["offered"] and not models["RealESRNet_x4plus"]["present"]
+    assert client.get("/nope").status_code == 404
+
+
+def test_python_handle_api_from_a_ray_task(deployed, small_photo):
+    @ray.remote
+    def restore_in_a_task(pixels: np.ndarray) -> tuple:  # nested: shipped by value to the worker
+        handle = serve.get_app_handle("restore")
+        result = handle.restore.remote(pixels, model="realesr-animevideov3", scale=2).result()
+        png = cv2.imencode(".png", pixels)[1].tobytes()
+        encoded = handle.restore.remote(png, model="realesr-animevideov3").result()
+        return result.pixels.shape, result.mode, result.faces, encoded.pixels.shape
+
+    shape, mode, faces, from_bytes = ray.get(restore_in_a_task.remote(small_photo))
+    assert (shape, mode, faces, from_bytes) == ((80, 112, 3), "BGR", 0, (160, 224, 3))
+    handle = serve.get_app_handle("restore")
+    with pytest.raises(Exception, match="numpy array"):
+        handle.restore.remote(np.zeros((4, 4, 4, 4), np.uint8), model="realesr-animevideov3").result()
+
+
+def test_concurrent_requests_share_forward_passes(deployed, astronaut_bgr):
+    handle = serve.get_app_handle("restore")
+    images = [np.ascontiguousarray(astronaut_bgr[i * 40 : i * 40 + 40, 100:156]) for i in range(8)]
+    responses = [handle.restore.remote(img, model="realesr-animevideov3") for img in images]
+    results = [r.result().pixels for r in responses]
+    upscaler = serve.get_deployment_handle("UpscalerDeployment", "restore")
+    sizes = upscaler.stats.remote().result()["batch_sizes"]
+    assert max(int(k) for k in sizes) > 1, sizes  # tiles of different requests in one forward
+    for img, result in zip(images, results):  # and each caller got its own picture back
+        alone = handle.restore.remote(img, model="realesr-animevideov3").result().pixels
+        np.testing.assert_array_equal(result, alone)
+
+
+def test_overload_is_a_json_503_and_accepted_requests_complete(deployed, small_photo):
+    async def burst():
+        async with httpx.AsyncClient(base_url=URL, timeout=300) as http:
+            return await asyncio.gather(*(
+                http.post("/v1/restore", params={"model": "RealESRGAN_x4plus"}, content=_png(small_photo))
+                for _ in range(40)))
+
+    responses = asyncio.run(burst())
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503} and codes.count(200) > 0
+    refused = [r for r in responses if r.status_code == 503]
+    assert refused and all(r.json()["error"] == "overloaded" and r.headers["retry-after"] for r in refused)
+
+
+def test_upscaler_autoscales_under_load_and_back(deployed, astronaut_bgr):
+    handle = serve.get_app_handle("restore")
+    img = np.ascontiguousarray(astronaut_bgr[:60, :60])
+    _wait_for(lambda: _replicas("UpscalerDeployment") == 1, 120, "one replica before the load")
+    stop = time.monotonic() + 90
+    pending = []
+    started = time.monotonic()
+    while time.monotonic() < stop and _replicas("UpscalerDeployment") < 2:
+        pending = [r for r in pending if not _done(r)]
+        while len(pending) < 6:  # a bounded load: six requests in flight
+            pending.append(handle.restore.remote(img, model="RealESRGAN_x4plus"))
+        time.sleep(0.2)
+    up_after = time.monotonic() - started
+    assert _replicas("UpscalerDeployment") == 2, "no second replica under load"
+    for r in pending:
+        r.result()
+    down_after = _wait_for(lambda: _replicas("UpscalerDeployment") == 1, 120, "scale-down")
+    print(f"autoscaling: 1 -> 2 replicas after {up_after:.1f} s of load, back to 1 {down_after:.1f} s after it")
+
+
+def _done(response) -> bool:
+    try:
+        response.result(timeout_s=0.01)
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_reconfigure_applies_without_restarting_replicas(deployed, client, small_photo):
+    upscaler = serve.get_deployment_handle("UpscalerDeployment", "restore")
+    _wait_for(lambda: _replicas("UpscalerDeployment") == 1, 120, "one replica")
+    before = upscaler.stats.remote().result()
+    changed = copy.deepcopy(deployed["config"])
+    for d in changed["applications"][0]["deployments"]:
+        d["user_config"]["limits"]["max_pixels"] = 1000
+        d["user_config"]["request_timeout_s"] = 60
+        d["user_config"]["upscaler_batch_wait_s"] = 0.02
+    _deploy(changed, deployed["path"])
+    _wait_for(lambda: client.post("/v1/restore", params={"model": "realesr-animevideov3"},
+                                  content=_png(small_photo)).status_code == 413, 60, "the new pixel limit")
+    after = upscaler.stats.remote().result()
+    assert after["pid"] == before["pid"] and after["runtime"]["upscaler_batch_wait_s"] == 0.02
+    _deploy(deployed["config"], deployed["path"])
+    _wait_for(lambda: client.post("/v1/restore", params={"model": "realesr-animevideov3"},
+                                  content=_png(small_photo)).status_code == 200, 60, "the old limit")

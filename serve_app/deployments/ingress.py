@@ -1,6 +1,10 @@
-"""The HTTP ingress: parse requests, call the graph, map errors. It owns HTTP and nothing else."""
+"""The HTTP ingress and the Python API: parse requests, call the graph, map errors.
+
+It owns HTTP and nothing else; every pixel operation happens in the other deployments.
+"""
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -8,15 +12,19 @@ import logging
 import time
 import uuid
 
+import numpy as np
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from serve_app.api import RestoreOptions, parse_options
-from serve_app.config import AppArgs
-from serve_app.errors import InvalidOption, RestoreError, TooManyBytes
-from serve_app.imageio import default_output_format
+from serve_app.api import Restored, RestoreOptions, parse_options
+from serve_app.config import AppArgs, RuntimeConfig
+from serve_app.errors import InvalidOption, Overloaded, RequestTimeout, RestoreError, TooManyBytes, TooManyPixels
+from serve_app.imageio import check_array, default_output_format
+from serve_app.imageio.codec import mode_of
 from serve_app.weights import MODELS, WeightsStore
 
 log = logging.getLogger("ray.serve")
@@ -25,6 +33,10 @@ CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 def _unwrap(exc: BaseException) -> BaseException:
     """A replica's exception arrives wrapped in a RayTaskError; its cause is the typed one."""
+    if isinstance(exc, BackPressureError):
+        return Overloaded("the service is at capacity; retry shortly")
+    if isinstance(exc, asyncio.TimeoutError):
+        return RequestTimeout("the request took longer than the service's request timeout")
     return getattr(exc, "cause", None) or exc
 
 
@@ -32,17 +44,22 @@ def _unwrap(exc: BaseException) -> BaseException:
 class Ingress:
     def __init__(self, args: AppArgs, preprocess: DeploymentHandle, upscaler: DeploymentHandle,
                  faces: DeploymentHandle):
-        self.args, self.store = args, WeightsStore(args.weights)
+        self.args, self.store, self.runtime = args, WeightsStore(args.weights), RuntimeConfig()
         self.preprocess, self.upscaler, self.faces = preprocess, upscaler, faces
 
+    def reconfigure(self, user_config: dict) -> None:
+        self.runtime = RuntimeConfig.model_validate(user_config)
+
+    # ------------------------------------------------------------------ HTTP
     async def __call__(self, request: Request) -> Response:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         route = {
-            ("POST", "/v1/restore"): self.restore,
-            ("POST", "/inference"): self.legacy_inference,
-            ("GET", "/v1/models"): self.models,
-            ("GET", "/healthz"): self.healthz,
+            ("POST", "/v1/restore"): self._http_restore,
+            ("POST", "/inference"): self._http_legacy_inference,
+            ("GET", "/v1/models"): self._http_models,
+            ("GET", "/healthz"): self._http_healthz,
         }.get((request.method, request.url.path))
+        started = time.perf_counter()
         try:
             if route is None:
                 response = JSONResponse({"error": "not_found", "detail": f"no route {request.url.path}"}, 404)
@@ -51,74 +68,82 @@ class Ingress:
         except Exception as exc:  # noqa: BLE001  (the one place errors become HTTP answers)
             response = self._error_response(_unwrap(exc), request_id)
         response.headers["x-request-id"] = request_id
+        log.info("request %s %s %s -> %d in %.1f ms", request_id, request.method, request.url.path,
+                 response.status_code, (time.perf_counter() - started) * 1e3,
+                 extra={"request_id": request_id, "status": response.status_code})
         return response
 
     def _error_response(self, exc: BaseException, request_id: str) -> Response:
         if isinstance(exc, RestoreError):
-            log.info("request %s refused: %s", request_id, exc.detail)
-            return JSONResponse(exc.to_json(), exc.status)
-        log.exception("request %s failed", request_id, exc_info=exc)
+            log.info("request %s refused: %s %s", request_id, exc.code, exc.detail)
+            headers = {"retry-after": "1"} if isinstance(exc, Overloaded) else None
+            return JSONResponse(exc.to_json(), exc.status, headers=headers)
+        log.error("request %s failed", request_id, exc_info=exc)
         return JSONResponse({"error": "internal", "detail": "internal error; see the server log"}, 500)
 
     async def _body(self, request: Request) -> bytes:
         """The body, refused as soon as it passes the byte limit (memory stays bounded)."""
-        limit = self.args.limits.max_bytes * 4 // 3 + 4096  # room for base64 in JSON
+        limit = self.runtime.limits.max_bytes * 4 // 3 + 4096  # room for base64 in JSON
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise TooManyBytes(f"the request body is {declared} bytes; the limit is {self.runtime.limits.max_bytes}")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise TooManyBytes(f"the request body passes the {self.args.limits.max_bytes}-byte limit")
+                raise TooManyBytes(f"the request body passes the {self.runtime.limits.max_bytes}-byte limit")
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def restore(self, request: Request) -> Response:
-        body = await self._body(request)
+    async def _read_request(self, request: Request) -> tuple[bytes, dict, bool]:
+        """(image bytes, options, wants JSON) from a raw, multipart or JSON body."""
         values = dict(request.query_params)
-        is_json = request.headers.get("content-type", "").startswith("application/json")
-        if is_json:
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            await self._body_fits(request)
+            form = await request.form(max_files=1, max_fields=32)
+            upload = form.get("image")
+            if not isinstance(upload, UploadFile):
+                raise InvalidOption("the multipart form needs the image file in field 'image'")
+            values.update({k: v for k, v in form.items() if k != "image" and isinstance(v, str)})
+            return await upload.read(), values, False
+        body = await self._body(request)
+        if content_type.startswith("application/json"):
             document = _json(body)
             values.update({k: v for k, v in document.items() if k != "image"})
-            body = _b64(document.get("image"), "image")
+            return _b64(document.get("image"), "image"), values, True
+        return body, values, False
+
+    async def _body_fits(self, request: Request) -> None:
+        declared = request.headers.get("content-length", "")
+        if not declared.isdigit():
+            raise InvalidOption("a multipart upload needs a Content-Length header")
+        if int(declared) > self.runtime.limits.max_bytes + 65536:
+            raise TooManyBytes(f"the upload is {declared} bytes; the limit is {self.runtime.limits.max_bytes}")
+
+    async def _http_restore(self, request: Request) -> Response:
+        data, values, wants_json = await self._read_request(request)
         options = parse_options(values)
-        image, faces, timings = await self._run(body, options)
-        if is_json:
-            return JSONResponse({"image": base64.b64encode(image["bytes"]).decode(), "format": image["format"],
-                                 "width": image["width"], "height": image["height"], "faces": faces},
-                                headers=timings)
-        return Response(image["bytes"], media_type=CONTENT_TYPES[image["format"]], headers=timings)
+        encoded, fmt, result = await self._with_timeout(self._restore_bytes(data, options))
+        headers = {f"x-timing-{k}-ms": f"{v:.1f}" for k, v in result.timings_ms.items()}
+        headers["x-faces-restored"] = str(result.faces)
+        if wants_json:
+            return JSONResponse({"image": base64.b64encode(encoded).decode(), "format": fmt,
+                                 "width": result.width, "height": result.height, "faces": result.faces},
+                                headers=headers)
+        return Response(encoded, media_type=CONTENT_TYPES[fmt], headers=headers)
 
-    async def _run(self, data: bytes, options: RestoreOptions) -> tuple[dict, int, dict]:
-        started = time.perf_counter()
-        decoded = await self.preprocess.decode.remote(data)
-        decoded_at = time.perf_counter()
-        if options.face_enhance:
-            upscale = options.scale or (MODELS[options.upscaler].scale if options.upscaler else 1)
-            pixels, faces = await self.faces.restore.remote(
-                decoded.pixels, options.face_model, options.upscaler, upscale, options.face_strength,
-                options.only_center_face, options.aligned)
-        elif options.upscaler is None:
-            raise InvalidOption("model 'none' restores faces only: set face_enhance=true")
-        else:
-            pixels, faces = await self.upscaler.upscale.remote(
-                decoded.pixels, options.upscaler, options.scale, options.denoise, options.alpha_upsampler), 0
-        restored_at = time.perf_counter()
-        fmt = options.format or default_output_format(decoded.header.format)
-        encoded = await self.preprocess.encode.remote(pixels, fmt, options.quality)
-        done = time.perf_counter()
-        timings = {"x-timing-decode-ms": f"{(decoded_at - started) * 1e3:.1f}",
-                   "x-timing-restore-ms": f"{(restored_at - decoded_at) * 1e3:.1f}",
-                   "x-timing-encode-ms": f"{(done - restored_at) * 1e3:.1f}"}
-        image = {"bytes": encoded, "format": fmt, "width": pixels.shape[1], "height": pixels.shape[0]}
-        return image, faces, timings
+    async def _http_legacy_inference(self, request: Request) -> Response:
+        """The original FastAPI deployment's contract: {"img_str", "tile", "half"} -> base64 PNG (x4).
 
-    async def legacy_inference(self, request: Request) -> Response:
-        """The original FastAPI deployment's contract: {"img_str", "tile", "half"} -> base64 PNG (x4)."""
+        ``tile`` and ``half`` are accepted and ignored: tiling and precision are the service's own.
+        """
         document = _json(await self._body(request))
         data = _b64(document.get("img_str"), "img_str")
-        image, _, _ = await self._run(data, parse_options({"format": "png"}))
-        return JSONResponse(base64.b64encode(image["bytes"]).decode())
+        encoded, _, _ = await self._with_timeout(self._restore_bytes(data, parse_options({"format": "png"})))
+        return JSONResponse(base64.b64encode(encoded).decode())
 
-    async def models(self, request: Request) -> Response:
+    async def _http_models(self, request: Request) -> Response:
         offered = set(self.args.upscalers) | set(self.args.face_models)
         return JSONResponse({"models": [
             {"name": spec.name, "kind": spec.kind, "scale": spec.scale, "offered": spec.name in offered,
@@ -126,13 +151,75 @@ class Ingress:
             for spec in MODELS.values()
         ]})
 
-    async def healthz(self, request: Request) -> Response:
+    async def _http_healthz(self, request: Request) -> Response:
+        """200 only when every deployment answers and every offered model is loaded."""
         try:
-            up = await self.upscaler.status.remote()
-            faces = await self.faces.status.remote()
+            up, faces, _ = await asyncio.wait_for(asyncio.gather(
+                self.upscaler.stats.remote(), self.faces.stats.remote(), self.preprocess.ping.remote()), 10)
         except Exception as exc:  # noqa: BLE001
             return JSONResponse({"status": "unavailable", "detail": str(_unwrap(exc))}, 503)
-        return JSONResponse({"status": "ok", "load_failures": {**up["failures"], **faces["failures"]}})
+        failures = {**up["failures"], **faces["failures"]}
+        if failures:
+            return JSONResponse({"status": "degraded", "detail": "some models are not loaded",
+                                 "models": failures}, 503)
+        return JSONResponse({"status": "ok", "devices": {"upscaler": up["device"], "faces": faces["device"]}})
+
+    # ------------------------------------------------------------------ Python API
+    async def restore(self, image: np.ndarray | bytes, **options) -> Restored:
+        """Restore an array (as decode() returns it) or encoded bytes; the options of /v1/restore.
+
+        From any Ray task or actor::
+
+            handle = serve.get_app_handle("restore")
+            result = handle.restore.remote(pixels, model="RealESRGAN_x4plus", face_enhance=True).result()
+        """
+        parsed = parse_options({k: v for k, v in options.items() if k not in ("format", "quality")})
+        if isinstance(image, (bytes, bytearray)):
+            decoded = await self.preprocess.decode.remote(bytes(image))
+            return await self._with_timeout(self._restore_pixels(decoded.pixels, parsed, {}))
+        pixels = check_array(image, max_pixels=self.runtime.limits.max_pixels)
+        return await self._with_timeout(self._restore_pixels(pixels, parsed, {}))
+
+    # ------------------------------------------------------------------ the graph
+    async def _with_timeout(self, work):
+        return await asyncio.wait_for(work, self.runtime.request_timeout_s)
+
+    async def _restore_bytes(self, data: bytes, options: RestoreOptions) -> tuple[bytes, str, Restored]:
+        started = time.perf_counter()
+        decoded = await self.preprocess.decode.remote(data)
+        timings = {"decode": (time.perf_counter() - started) * 1e3}
+        result = await self._restore_pixels(decoded.pixels, options, timings)
+        fmt = options.format or default_output_format(decoded.header.format)
+        started = time.perf_counter()
+        encoded = await self.preprocess.encode.remote(result.pixels, fmt, options.quality)
+        result.timings_ms["encode"] = (time.perf_counter() - started) * 1e3
+        return encoded, fmt, result
+
+    async def _restore_pixels(self, pixels: np.ndarray, options: RestoreOptions, timings: dict) -> Restored:
+        self._check_output_size(pixels, options)
+        started = time.perf_counter()
+        if options.face_enhance:
+            upscale = options.scale or (MODELS[options.upscaler].scale if options.upscaler else 1)
+            out, faces = await self.faces.restore.remote(
+                pixels, options.face_model, options.upscaler, upscale, options.face_strength,
+                options.only_center_face, options.aligned)
+        elif options.upscaler is None:
+            raise InvalidOption("model 'none' restores faces only: set face_enhance=true")
+        else:
+            out = await self.upscaler.upscale.remote(pixels, options.upscaler, options.scale, options.denoise,
+                                                     options.alpha_upsampler)
+            faces = 0
+        timings["restore"] = (time.perf_counter() - started) * 1e3
+        return Restored(out, out.shape[1], out.shape[0], mode_of(out), faces, timings)
+
+    def _check_output_size(self, pixels: np.ndarray, options: RestoreOptions) -> None:
+        if options.upscaler is not None and options.upscaler not in MODELS:
+            raise InvalidOption(f"unknown model {options.upscaler!r}")
+        scale = options.scale or (MODELS[options.upscaler].scale if options.upscaler else 1)
+        out_pixels = int(pixels.shape[0] * scale) * int(pixels.shape[1] * scale)
+        if out_pixels > self.runtime.limits.max_output_pixels:
+            raise TooManyPixels(f"the result would be {out_pixels} pixels; the limit is "
+                                f"{self.runtime.limits.max_output_pixels}")
 
 
 def _json(body: bytes) -> dict:

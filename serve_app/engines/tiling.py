@@ -1,7 +1,7 @@
 """Padding, fixed-shape tiles and seamless stitching: pure numpy, no torch.
 
-Every tile has the same T x T shape, whatever the image, so tiles of different images and
-requests can be stacked into one batch. Neighbouring tiles overlap; their outputs are blended
+Every tile of a picture larger than the tile has the same T x T shape, so tiles of different
+images and requests can be stacked into one batch (smaller pictures get one smaller tile). Neighbouring tiles overlap; their outputs are blended
 with linear ramps across the overlap, so a pixel near a tile border (where the network saw
 zero padding instead of the real neighbourhood) gets little weight and no seam shows. The
 official tiling pastes tiles edge to edge instead, which leaves visible seams.
@@ -40,7 +40,8 @@ class TilePlan:
 
     height: int
     width: int
-    tile: int
+    tile_h: int
+    tile_w: int
     pad: int
     blend: int
     ys: tuple[int, ...]
@@ -62,19 +63,31 @@ def _starts(length: int, tile: int, overlap: int) -> tuple[int, ...]:
     return tuple(starts)
 
 
-def plan_tiles(height: int, width: int, tile: int, pad: int, blend: int) -> TilePlan:
+def tile_side(length: int, tile: int, multiple: int = 16) -> int:
+    """The tile side along an axis: ``tile``, or less for an image that is smaller.
+
+    A 74-pixel-high picture gets 80-pixel-high tiles rather than 256: padding it to a whole
+    tile would cost 10x the compute. Rounding to ``multiple`` keeps the shapes of similar
+    small pictures equal, so they still batch together.
+    """
+    return min(tile, -(-length // multiple) * multiple)
+
+
+def plan_tiles(height: int, width: int, tile_h: int, tile_w: int, pad: int, blend: int) -> TilePlan:
     overlap = 2 * pad + blend
-    if tile <= 2 * overlap:
-        raise ValueError(f"tile size {tile} must exceed twice the overlap 2*pad+blend = {overlap}")
-    if height < tile or width < tile:
-        raise ValueError(f"pad the {height}x{width} image to at least the tile size {tile} first")
-    return TilePlan(height, width, tile, pad, blend, _starts(height, tile, overlap), _starts(width, tile, overlap))
+    for length, tile in ((height, tile_h), (width, tile_w)):
+        if length < tile:
+            raise ValueError(f"pad the {height}x{width} image to at least the tile size {tile_h}x{tile_w} first")
+        if length > tile and tile <= 2 * overlap:
+            raise ValueError(f"tile size {tile} must exceed twice the overlap 2*pad+blend = {overlap}")
+    return TilePlan(height, width, tile_h, tile_w, pad, blend,
+                    _starts(height, tile_h, overlap), _starts(width, tile_w, overlap))
 
 
 def cut_tiles(img: np.ndarray, plan: TilePlan) -> np.ndarray:
-    """N x C x T x T tiles of a C x H x W image, in ``plan.origins()`` order."""
-    t = plan.tile
-    return np.stack([img[:, y : y + t, x : x + t] for y, x in plan.origins()])
+    """N x C x Th x Tw tiles of a C x H x W image, in ``plan.origins()`` order."""
+    th, tw = plan.tile_h, plan.tile_w
+    return np.stack([img[:, y : y + th, x : x + tw] for y, x in plan.origins()])
 
 
 def edge_weights(length: int, pad: int, blend: int, start_shared: bool, end_shared: bool) -> np.ndarray:
@@ -93,16 +106,16 @@ def edge_weights(length: int, pad: int, blend: int, start_shared: bool, end_shar
 
 
 def stitch(outputs: np.ndarray, plan: TilePlan, scale: int) -> np.ndarray:
-    """Blend N x C x (T*scale) x (T*scale) tile outputs into one C x (H*scale) x (W*scale) image."""
-    t, pad, blend = plan.tile * scale, plan.pad * scale, plan.blend * scale
+    """Blend N x C x (Th*scale) x (Tw*scale) tile outputs into one C x (H*scale) x (W*scale) image."""
+    th, tw, pad, blend = plan.tile_h * scale, plan.tile_w * scale, plan.pad * scale, plan.blend * scale
     acc = np.zeros((outputs.shape[1], plan.height * scale, plan.width * scale), np.float32)
     total = np.zeros((plan.height * scale, plan.width * scale), np.float32)
     for out, (y, x) in zip(outputs, plan.origins()):
-        wy = edge_weights(t, pad, blend, y > 0, y + plan.tile < plan.height)
-        wx = edge_weights(t, pad, blend, x > 0, x + plan.tile < plan.width)
+        wy = edge_weights(th, pad, blend, y > 0, y + plan.tile_h < plan.height)
+        wx = edge_weights(tw, pad, blend, x > 0, x + plan.tile_w < plan.width)
         window = wy[:, None] * wx[None, :]
         oy, ox = y * scale, x * scale
-        acc[:, oy : oy + t, ox : ox + t] += out * window
-        total[oy : oy + t, ox : ox + t] += window
+        acc[:, oy : oy + th, ox : ox + tw] += out * window
+        total[oy : oy + th, ox : ox + tw] += window
     acc /= total
     return acc

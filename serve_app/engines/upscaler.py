@@ -23,7 +23,9 @@ import torch
 from torch import nn
 
 from serve_app.config import TileConfig
-from serve_app.engines.tiling import TilePlan, cut_tiles, mod_pad, pad_right_bottom, plan_tiles, stitch
+from serve_app.engines.tiling import (
+    TilePlan, cut_tiles, mod_pad, pad_right_bottom, plan_tiles, stitch, tile_side,
+)
 
 AlphaUpsampler = Literal["realesrgan", "bicubic"]
 ALPHA_UPSAMPLERS = ("realesrgan", "bicubic")
@@ -113,9 +115,10 @@ class Upscaler:
             padded = pad_right_bottom(padded, mod_pad(h, self.multiple), mod_pad(w, self.multiple))
             return _Plane([padded], None, height, width)
         _, h, w = padded.shape
-        padded = pad_right_bottom(padded, max(tile - h, mod_pad(h, self.multiple)),
-                                  max(tile - w, mod_pad(w, self.multiple)))
-        plan = plan_tiles(padded.shape[1], padded.shape[2], tile, self.tile.pad, self.tile.blend)
+        th, tw = tile_side(h, tile), tile_side(w, tile)
+        padded = pad_right_bottom(padded, max(th - h, mod_pad(h, self.multiple)),
+                                  max(tw - w, mod_pad(w, self.multiple)))
+        plan = plan_tiles(padded.shape[1], padded.shape[2], th, tw, self.tile.pad, self.tile.blend)
         return _Plane(list(cut_tiles(padded, plan)), plan, height, width)
 
     # ------------------------------------------------------------------ step 2 (device)

@@ -1,5 +1,5 @@
 """Image bytes in and out: pure functions of numpy and OpenCV, no torch and no Ray."""
-from serve_app.imageio.codec import DecodedImage, decode, encode, default_output_format
+from serve_app.imageio.codec import DecodedImage, check_array, decode, default_output_format, encode
 from serve_app.imageio.probe import ImageHeader, probe
 
-__all__ = ["DecodedImage", "ImageHeader", "decode", "default_output_format", "encode", "probe"]
+__all__ = ["DecodedImage", "ImageHeader", "check_array", "decode", "default_output_format", "encode", "probe"]

@@ -12,7 +12,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from serve_app.errors import CorruptImage, InvalidOption, UnsupportedFormat
+from serve_app.errors import CorruptImage, EmptyImage, InvalidOption, TooManyPixels, UnsupportedFormat
 from serve_app.imageio.probe import ImageHeader, probe
 
 Mode = Literal["L", "BGR", "BGRA"]
@@ -54,6 +54,18 @@ def decode(data: bytes, *, max_bytes: int, max_pixels: int) -> DecodedImage:
         )
     pixels = _normalise_channels(pixels)
     return DecodedImage(apply_orientation(pixels, header.orientation), header)
+
+
+def check_array(pixels: np.ndarray, *, max_pixels: int) -> np.ndarray:
+    """An array handed in from Python must be what decode() would have produced."""
+    if not isinstance(pixels, np.ndarray) or pixels.ndim not in (2, 3):
+        raise InvalidOption("the image must be an HxW, HxWx3 (BGR) or HxWx4 (BGRA) numpy array")
+    height, width = pixels.shape[:2]
+    if height == 0 or width == 0:
+        raise EmptyImage("the image array is empty")
+    if height * width > max_pixels:
+        raise TooManyPixels(f"the image is {width}x{height} = {height * width} pixels; the limit is {max_pixels}")
+    return _normalise_channels(pixels)
 
 
 def _normalise_channels(pixels: np.ndarray) -> np.ndarray:
