@@ -12,6 +12,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import AppArgs, RuntimeConfig
 from serve_app.deployments.models import EngineCache
+from serve_app.deployments.threads import Workers
 from serve_app.engines.device import resolve_device
 from serve_app.engines.faces import FaceEngine, load_face_engine
 from serve_app.errors import InvalidOption
@@ -27,6 +28,7 @@ class FaceDeployment:
         self.runtime = RuntimeConfig()
         self.engines = EngineCache(self._load)
         self.batch_sizes: Counter[int] = Counter()
+        self.workers = Workers()
         self.device = str(resolve_device(args.device))
         log.info("GFPGAN deployment on %s", self.device)
         self.engines.preload([(name,) for name in args.face_models])
@@ -52,15 +54,17 @@ class FaceDeployment:
         if face_model not in self.args.face_models:
             raise InvalidOption(f"face_model must be one of {', '.join(self.args.face_models)}")
         engine = self.engines.get(face_model)
-        job = engine.prepare(pixels, only_center_face=only_center_face, aligned=aligned)
+        # Detection runs RetinaFace on the device: the device thread.
+        job = await self.workers.device(engine.prepare, pixels, only_center_face=only_center_face, aligned=aligned)
         # The background is upscaled on the Real-ESRGAN deployment while the faces are restored here.
         background = None
         if model is not None and not aligned:
             background = self.upscaler.upscale.remote(pixels, model, outscale=upscale)
         restored = await asyncio.gather(*(self._restore_batch((engine, strength, c)) for c in job.crops))
         bg = await background if background is not None else None
-        result = engine.finish(job, list(restored), upscale=upscale, aligned=aligned,
-                               background=(lambda img, up: bg) if bg is not None else None)
+        # Pasting parses each face with ParseNet: device work as well.
+        result = await self.workers.device(engine.finish, job, list(restored), upscale=upscale, aligned=aligned,
+                                           background=(lambda img, up: bg) if bg is not None else None)
         return result.image, result.faces_restored
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
@@ -73,7 +77,8 @@ class FaceDeployment:
         results: list[np.ndarray | None] = [None] * len(items)
         for indices in groups.values():
             engine, strength, _ = items[indices[0]]
-            for i, face in zip(indices, engine.restore([items[i][2] for i in indices], strength=strength)):
+            faces = await self.workers.device(engine.restore, [items[i][2] for i in indices], strength=strength)
+            for i, face in zip(indices, faces):
                 results[i] = face
         return results
 

@@ -173,12 +173,16 @@ class Ingress:
             handle = serve.get_app_handle("restore")
             result = handle.restore.remote(pixels, model="RealESRGAN_x4plus", face_enhance=True).result()
         """
-        parsed = parse_options({k: v for k, v in options.items() if k not in ("format", "quality")})
-        if isinstance(image, (bytes, bytearray)):
-            decoded = await self.preprocess.decode.remote(bytes(image))
-            return await self._with_timeout(self._restore_pixels(decoded.pixels, parsed, {}))
-        pixels = check_array(image, max_pixels=self.runtime.limits.max_pixels)
-        return await self._with_timeout(self._restore_pixels(pixels, parsed, {}))
+        try:
+            parsed = parse_options({k: v for k, v in options.items() if k not in ("format", "quality")})
+            if isinstance(image, (bytes, bytearray)):
+                pixels = (await self.preprocess.decode.remote(bytes(image))).pixels
+            else:
+                pixels = check_array(image, max_pixels=self.runtime.limits.max_pixels)
+            return await self._with_timeout(self._restore_pixels(pixels, parsed, {}))
+        except Exception as exc:  # noqa: BLE001  callers get our typed errors, as over HTTP
+            error = _unwrap(exc)
+            raise error if isinstance(error, RestoreError) else exc
 
     # ------------------------------------------------------------------ the graph
     async def _with_timeout(self, work):

@@ -11,6 +11,7 @@ from ray import serve
 
 from serve_app.config import AppArgs, RuntimeConfig
 from serve_app.deployments.models import EngineCache
+from serve_app.deployments.threads import Workers
 from serve_app.engines.device import resolve_device
 from serve_app.engines.upscaler import Upscaler, load_upscaler
 from serve_app.errors import InvalidOption
@@ -26,6 +27,7 @@ class UpscalerDeployment:
         self.runtime = RuntimeConfig()
         self.engines = EngineCache(self._load)
         self.batch_sizes: Counter[int] = Counter()
+        self.workers = Workers()
         self.device = str(resolve_device(args.device))
         log.info("Real-ESRGAN deployment on %s", self.device)
         self.engines.preload([(name, None) for name in args.upscalers])
@@ -53,9 +55,9 @@ class UpscalerDeployment:
         elif denoise is not None:
             denoise = round(denoise, 2)  # bounds the networks kept per denoise value
         engine = self.engines.get(model, denoise)
-        job = engine.prepare(pixels, outscale=outscale, alpha_upsampler=alpha_upsampler)
+        job = await self.workers.cpu(engine.prepare, pixels, outscale=outscale, alpha_upsampler=alpha_upsampler)
         outputs = await asyncio.gather(*(self._forward_batch((engine, x)) for x in job.inputs()))
-        return engine.finish(job, list(outputs))
+        return await self.workers.cpu(engine.finish, job, list(outputs))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _forward_batch(self, items: list[tuple[Upscaler, np.ndarray]]) -> list[np.ndarray]:
@@ -67,7 +69,8 @@ class UpscalerDeployment:
         results: list[np.ndarray | None] = [None] * len(items)
         for indices in groups.values():
             engine = items[indices[0]][0]
-            for i, y in zip(indices, engine.forward(np.stack([items[i][1] for i in indices]))):
+            batch = np.stack([items[i][1] for i in indices])
+            for i, y in zip(indices, await self.workers.device(engine.forward, batch)):
                 results[i] = y
         return results
 
