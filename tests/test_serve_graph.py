@@ -318,10 +318,15 @@ def test_reconfigure_applies_without_restarting_replicas(deployed, client, small
         d["user_config"]["upscaler_batch_wait_s"] = 0.02
     _deploy(changed, deployed["path"])
     big = _png(np.ascontiguousarray(astronaut_bgr[:100, :100]))  # 10000 pixels
+    _wait_for(lambda: upscaler.stats.remote().result()["runtime"]["upscaler_batch_wait_s"] == 0.02, 60,
+              "the upscaler's reconfigure")
+    assert upscaler.stats.remote().result()["pid"] == before["pid"]  # the same replica, reconfigured
     _wait_for(lambda: client.post("/v1/restore", content=big).status_code == 413, 60, "the new pixel limit")
-    slow = client.post("/v1/restore", params={"model": "RealESRGAN_x4plus"}, content=_png(small_photo))
-    assert (slow.status_code, slow.json()["error"]) == (504, "timeout")
-    after = upscaler.stats.remote().result()
-    assert after["pid"] == before["pid"] and after["runtime"]["upscaler_batch_wait_s"] == 0.02
+
+    def times_out():
+        slow = client.post("/v1/restore", params={"model": "RealESRGAN_x4plus"}, content=_png(small_photo))
+        return (slow.status_code, slow.json().get("error")) == (504, "timeout")
+
+    _wait_for(times_out, 60, "a 504 past the new request timeout")
     _deploy(deployed["config"], deployed["path"])
     _wait_for(lambda: client.post("/v1/restore", content=big).status_code == 200, 60, "the old limits")
