@@ -90,3 +90,11 @@ def test_alpha_bicubic_and_batches_of_mixed_images(store, small_photo):
     together = engine.upscale(images)
     for img, result in zip(images, together):
         np.testing.assert_array_equal(result, engine.upscale([img])[0])
+
+
+def test_a_picture_of_tile_size_is_one_tile(store, astronaut_bgr):
+    engine = load_upscaler("realesr-animevideov3", store,
+                           EngineConfig(device="cpu", tile=TileConfig(size=64, pad=8, blend=4)))
+    img = np.ascontiguousarray(astronaut_bgr[:64, :64])
+    assert [x.shape for x in engine.prepare(img).inputs()] == [(3, 64, 64)]
+    assert engine.upscale([img])[0].shape == (256, 256, 3)

@@ -107,13 +107,13 @@ class Upscaler:
     def _plane(self, rgb: np.ndarray) -> _Plane:
         chw = np.ascontiguousarray(rgb.transpose(2, 0, 1))
         height, width = chw.shape[1:]
-        pre = self.tile.pre_pad
-        padded = pad_right_bottom(chw, pre, pre)
-        tile = self.tile.size
+        pre, tile = self.tile.pre_pad, self.tile.size
         if tile == 0:
+            padded = pad_right_bottom(chw, pre, pre)
             _, h, w = padded.shape
             padded = pad_right_bottom(padded, mod_pad(h, self.multiple), mod_pad(w, self.multiple))
             return _Plane([padded], None, height, width)
+        padded = pad_right_bottom(chw, _pre_pad(height, pre, tile), _pre_pad(width, pre, tile))
         _, h, w = padded.shape
         th, tw = tile_side(h, tile), tile_side(w, tile)
         padded = pad_right_bottom(padded, max(th - h, mod_pad(h, self.multiple)),
@@ -176,6 +176,17 @@ class Upscaler:
         full = outputs[0] if plane.plan is None else stitch(np.stack(outputs), plane.plan, s)
         rgb = full[:, : plane.height * s, : plane.width * s]
         return np.ascontiguousarray(rgb[::-1].transpose(1, 2, 0))
+
+
+def _pre_pad(length: int, pre_pad: int, tile: int) -> int:
+    """The reflection pad after an edge, trimmed so a picture that fits one tile stays one tile.
+
+    Upstream pads 10 pixels past the right and bottom edges; a 256-pixel picture with 256-pixel
+    tiles would then need two tiles a side, four times the work, for a margin it hardly needs.
+    """
+    if length <= tile:
+        return min(pre_pad, tile - length)
+    return pre_pad
 
 
 def load_upscaler(name: str, store, engine, *, denoise: float | None = None) -> Upscaler:
