@@ -330,3 +330,13 @@ def test_reconfigure_applies_without_restarting_replicas(deployed, client, small
     _wait_for(times_out, 60, "a 504 past the new request timeout")
     _deploy(deployed["config"], deployed["path"])
     _wait_for(lambda: client.post("/v1/restore", content=big).status_code == 200, 60, "the old limits")
+
+
+def test_healthz_is_200_once_every_offered_model_is_loaded(deployed, client):
+    # Last in this module: it redeploys without the model that has no weights (new args restart replicas).
+    complete = copy.deepcopy(deployed["config"])
+    complete["applications"][0]["args"]["upscalers"] = ["realesr-animevideov3", "RealESRGAN_x4plus"]
+    _deploy(complete, deployed["path"])
+    _wait_for(lambda: client.get("/healthz").status_code == 200, 180, "a healthy graph")
+    body = client.get("/healthz").json()
+    assert body == {"status": "ok", "devices": {"upscaler": "cpu", "faces": "cpu"}}
