@@ -66,6 +66,12 @@ class WeightsCorrupt(WeightsUnavailable):
     code = "weights_corrupt"
 
 
+class ReplicaLost(RestoreError):
+    """A replica (or its node) died while it held the request."""
+
+    status, code = 503, "replica_lost"
+
+
 class Overloaded(RestoreError):
     status, code = 503, "overloaded"
 

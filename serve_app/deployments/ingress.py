@@ -14,7 +14,8 @@ import uuid
 
 import numpy as np
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import NodeDiedError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
@@ -22,7 +23,9 @@ from starlette.responses import JSONResponse, Response
 
 from serve_app.api import Restored, RestoreOptions, parse_options
 from serve_app.config import AppArgs, RuntimeConfig
-from serve_app.errors import InvalidOption, Overloaded, RequestTimeout, RestoreError, TooManyBytes, TooManyPixels
+from serve_app.errors import (
+    InvalidOption, Overloaded, ReplicaLost, RequestTimeout, RestoreError, TooManyBytes, TooManyPixels,
+)
 from serve_app.imageio import check_array, default_output_format
 from serve_app.imageio.codec import mode_of
 from serve_app.weights import MODELS, WeightsStore
@@ -35,6 +38,9 @@ def _unwrap(exc: BaseException) -> BaseException:
     """A replica's exception arrives wrapped in a RayTaskError; its cause is the typed one."""
     if isinstance(exc, BackPressureError):
         return Overloaded("the service is at capacity; retry shortly")
+    if isinstance(exc, (RayActorError, NodeDiedError, ReplicaUnavailableError, DeploymentUnavailableError)):
+        return ReplicaLost("a model replica was lost while it held this request (its node may have gone); "
+                           "retry: Serve is replacing it")
     if isinstance(exc, asyncio.TimeoutError):
         return RequestTimeout("the request took longer than the service's request timeout")
     return getattr(exc, "cause", None) or exc
