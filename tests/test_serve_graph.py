@@ -1,6 +1,8 @@
-"""The real graph, deployed from serve_config.yaml with the `serve` command line onto one
-local Ray instance with a logical GPU (so fractional placement is real), over real HTTP and
-through handles. Ray and Serve start once for the whole module."""
+"""The real graph, deployed from serve_config.yaml with the `serve` command line onto a local
+multi-node Ray cluster (ray.cluster_utils.Cluster): a CPU head and, once the GPU replicas are
+pending, a node with one logical GPU (so fractional placement is real), over real HTTP and
+through handles. Ray and Serve start once for the whole module; the test plays the cluster
+autoscaler, adding and removing the GPU node."""
 from __future__ import annotations
 
 import asyncio
@@ -20,6 +22,7 @@ import pytest
 import ray
 import yaml
 from ray import serve
+from ray.cluster_utils import Cluster
 from ray.serve.schema import ServeDeploySchema
 
 from conftest import ASTRONAUT_FACE
@@ -49,9 +52,12 @@ def _config(weights_dir: Path, cache: Path, runtime: dict) -> dict:
     app["args"].update(device="cpu", upscalers=["realesr-animevideov3", "RealESRGAN_x4plus", "RealESRNet_x4plus"],
                        face_models=["GFPGANv1.4"])
     app["args"]["weights"] = {"folder": str(weights_dir), "cache_dir": str(cache), "download": False}
+    config["proxy_location"] = "HeadOnly"  # the simulated nodes share one machine and its port 8000
     deployments = {d["name"]: d for d in app["deployments"]}
     for d in deployments.values():
         d["user_config"] = copy.deepcopy(runtime)
+    for name in ("Ingress", "PreprocessDeployment"):  # CPU work stays on the head, as on EC2
+        deployments[name]["ray_actor_options"]["resources"] = {"head": 0.01}
     up = deployments["UpscalerDeployment"]
     up["ray_actor_options"]["num_gpus"] = 0.25  # two upscaler replicas + one face replica = one GPU
     up.update(max_ongoing_requests=8, max_queued_requests=64)
@@ -88,6 +94,14 @@ def _running(app="restore") -> bool:
     return status is not None and status.status == "RUNNING"
 
 
+def _replicas_pending(name: str) -> bool:
+    status = serve.status().applications.get("restore")
+    if status is None or name not in status.deployments:
+        return False
+    states = status.deployments[name].replica_states
+    return states.get("PENDING_ALLOCATION", 0) + states.get("STARTING", 0) > 0 and not states.get("RUNNING")
+
+
 def _replicas(name: str) -> int:
     deployment = serve.status().applications["restore"].deployments[name]
     return deployment.replica_states.get("RUNNING", 0)
@@ -96,14 +110,25 @@ def _replicas(name: str) -> int:
 @pytest.fixture(scope="module")
 def deployed(weights_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
-    ray.init(num_cpus=6, num_gpus=1, include_dashboard=True, dashboard_host="127.0.0.1")
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 4, "num_gpus": 0, "resources": {"head": 1}, "include_dashboard": True,
+        "dashboard_host": "127.0.0.1"})
+    ray.init(address=cluster.address)
     config = _config(weights_dir, tmp / "cache", TEST_RUNTIME)
     _wait_for(lambda: _answers(f"{DASHBOARD}/api/version"), 60, "the dashboard")  # 401 without the token: up
     _deploy(config, tmp / "config.yaml")
-    _wait_for(_running, 180, "the application")
-    yield {"config": config, "path": tmp / "config.yaml"}
+    # No GPU node yet: the app deploys, its GPU replicas stay pending.
+    _wait_for(lambda: _replicas_pending("UpscalerDeployment"), 60, "pending GPU replicas")
+    time.sleep(3)
+    assert not _running()
+    started = time.monotonic()
+    gpu_node = cluster.add_node(num_cpus=4, num_gpus=1)  # what the autoscaler does on EC2
+    _wait_for(_running, 180, "the application on the new GPU node")
+    print(f"GPU node added: application RUNNING {time.monotonic() - started:.1f} s later")
+    yield {"config": config, "path": tmp / "config.yaml", "cluster": cluster, "gpu_node": gpu_node}
     serve.shutdown()
     ray.shutdown()
+    cluster.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -340,3 +365,37 @@ def test_healthz_is_200_once_every_offered_model_is_loaded(deployed, client):
     _wait_for(lambda: client.get("/healthz").status_code == 200, 180, "a healthy graph")
     body = client.get("/healthz").json()
     assert body == {"status": "ok", "devices": {"upscaler": "cpu", "faces": "cpu"}}
+
+
+def test_requests_enter_on_the_head_and_run_on_the_gpu_node(deployed, client, small_photo):
+    head = ray.get_runtime_context().get_node_id()  # the driver runs on the head
+    stats = serve.get_deployment_handle("UpscalerDeployment", "restore").stats.remote().result()
+    assert stats["node_id"] == deployed["gpu_node"].node_id != head
+    r = client.post("/v1/restore", params={"model": "realesr-animevideov3"}, content=_png(small_photo))
+    assert r.status_code == 200
+
+
+def test_losing_the_gpu_node_mid_load_fails_only_its_requests_clearly(deployed, client, small_photo):
+    cluster = deployed["cluster"]
+
+    async def load():
+        async with httpx.AsyncClient(base_url=URL, timeout=180) as http:
+            requests = [http.post("/v1/restore", params={"model": "RealESRGAN_x4plus"}, content=_png(small_photo))
+                        for _ in range(6)]
+            tasks = [asyncio.ensure_future(r) for r in requests]
+            await asyncio.sleep(1.0)  # the requests are in flight on the GPU node
+            cluster.remove_node(deployed["gpu_node"], allow_graceful=False)
+            return await asyncio.gather(*tasks)
+
+    started = time.monotonic()
+    responses = asyncio.run(load())  # every one answers: none hangs past the client timeout
+    failed_after = time.monotonic() - started
+    for r in responses:
+        assert r.status_code == 200 or (r.status_code == 503 and r.json()["error"] in ("replica_lost", "overloaded")), r.text
+    lost = sum(r.status_code != 200 for r in responses)
+    started = time.monotonic()
+    deployed["gpu_node"] = cluster.add_node(num_cpus=4, num_gpus=1)  # the autoscaler's replacement
+    _wait_for(lambda: client.post("/v1/restore", params={"model": "realesr-animevideov3"},
+                                  content=_png(small_photo)).status_code == 200, 180, "replacement replicas")
+    print(f"GPU node lost: {lost} of 6 in-flight requests failed with 503 within {failed_after:.1f} s; "
+          f"replicas serving again {time.monotonic() - started:.1f} s after a new node joined")

@@ -7,6 +7,7 @@ import os
 from collections import Counter
 
 import numpy as np
+import ray
 from ray import serve
 
 from serve_app.config import AppArgs, RuntimeConfig
@@ -76,4 +77,5 @@ class UpscalerDeployment:
 
     async def stats(self) -> dict:
         return {"device": self.device, "failures": dict(self.engines.failures), "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id(),
                 "batch_sizes": dict(self.batch_sizes), "runtime": self.runtime.model_dump(mode="json")}
