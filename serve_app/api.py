@@ -8,7 +8,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serve_app.errors import InvalidOption
-from serve_app.weights.registry import DEFAULT_FACE_MODEL, DEFAULT_UPSCALER
+from serve_app.weights.registry import DEFAULT_FACE_MODEL, DEFAULT_UPSCALER, MODELS
 
 
 class RestoreOptions(BaseModel):
@@ -29,6 +29,13 @@ class RestoreOptions(BaseModel):
     @property
     def upscaler(self) -> str | None:
         return None if self.model == "none" else self.model
+
+    @property
+    def output_scale(self) -> float:
+        """``scale``, or the model's own (1 for faces only)."""
+        if self.upscaler is not None and self.upscaler not in MODELS:
+            raise InvalidOption(f"unknown model {self.upscaler!r}")
+        return self.scale or (MODELS[self.upscaler].scale if self.upscaler else 1)
 
 
 def parse_options(values: dict) -> RestoreOptions:

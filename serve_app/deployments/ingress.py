@@ -87,12 +87,19 @@ class Ingress:
         log.error("request %s failed", request_id, exc_info=exc)
         return JSONResponse({"error": "internal", "detail": "internal error; see the server log"}, 500)
 
-    async def _body(self, request: Request) -> bytes:
-        """The body, refused as soon as it passes the byte limit (memory stays bounded)."""
-        limit = self.runtime.limits.max_bytes * 4 // 3 + 4096  # room for base64 in JSON
+    def _body_limit(self, request: Request, *, length_required: bool = False) -> int:
+        """The most body bytes accepted; refuses a declared length beyond it before reading any."""
+        limit = self.runtime.limits.max_bytes * 4 // 3 + 4096  # room for base64 or multipart framing
         declared = request.headers.get("content-length", "")
+        if length_required and not declared.isdigit():
+            raise InvalidOption("a multipart upload needs a Content-Length header")
         if declared.isdigit() and int(declared) > limit:
             raise TooManyBytes(f"the request body is {declared} bytes; the limit is {self.runtime.limits.max_bytes}")
+        return limit
+
+    async def _body(self, request: Request) -> bytes:
+        """The body, refused as soon as it passes the byte limit (memory stays bounded)."""
+        limit = self._body_limit(request)
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
@@ -106,7 +113,7 @@ class Ingress:
         values = dict(request.query_params)
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
-            await self._body_fits(request)
+            self._body_limit(request, length_required=True)  # the form parser reads the rest itself
             form = await request.form(max_files=1, max_fields=32)
             upload = form.get("image")
             if not isinstance(upload, UploadFile):
@@ -119,13 +126,6 @@ class Ingress:
             values.update({k: v for k, v in document.items() if k != "image"})
             return _b64(document.get("image"), "image"), values, True
         return body, values, False
-
-    async def _body_fits(self, request: Request) -> None:
-        declared = request.headers.get("content-length", "")
-        if not declared.isdigit():
-            raise InvalidOption("a multipart upload needs a Content-Length header")
-        if int(declared) > self.runtime.limits.max_bytes + 65536:
-            raise TooManyBytes(f"the upload is {declared} bytes; the limit is {self.runtime.limits.max_bytes}")
 
     async def _http_restore(self, request: Request) -> Response:
         data, values, wants_json = await self._read_request(request)
@@ -206,12 +206,15 @@ class Ingress:
         return encoded, fmt, result
 
     async def _restore_pixels(self, pixels: np.ndarray, options: RestoreOptions, timings: dict) -> Restored:
-        self._check_output_size(pixels, options)
+        scale = options.output_scale
+        out_pixels = int(pixels.shape[0] * scale) * int(pixels.shape[1] * scale)
+        if out_pixels > self.runtime.limits.max_output_pixels:
+            raise TooManyPixels(f"the result would be {out_pixels} pixels; the limit is "
+                                f"{self.runtime.limits.max_output_pixels}")
         started = time.perf_counter()
         if options.face_enhance:
-            upscale = options.scale or (MODELS[options.upscaler].scale if options.upscaler else 1)
             out, faces = await self.faces.restore.remote(
-                pixels, options.face_model, options.upscaler, upscale, options.face_strength,
+                pixels, options.face_model, options.upscaler, scale, options.face_strength,
                 options.only_center_face, options.aligned)
         elif options.upscaler is None:
             raise InvalidOption("model 'none' restores faces only: set face_enhance=true")
@@ -221,15 +224,6 @@ class Ingress:
             faces = 0
         timings["restore"] = (time.perf_counter() - started) * 1e3
         return Restored(out, out.shape[1], out.shape[0], mode_of(out), faces, timings)
-
-    def _check_output_size(self, pixels: np.ndarray, options: RestoreOptions) -> None:
-        if options.upscaler is not None and options.upscaler not in MODELS:
-            raise InvalidOption(f"unknown model {options.upscaler!r}")
-        scale = options.scale or (MODELS[options.upscaler].scale if options.upscaler else 1)
-        out_pixels = int(pixels.shape[0] * scale) * int(pixels.shape[1] * scale)
-        if out_pixels > self.runtime.limits.max_output_pixels:
-            raise TooManyPixels(f"the result would be {out_pixels} pixels; the limit is "
-                                f"{self.runtime.limits.max_output_pixels}")
 
 
 def _json(body: bytes) -> dict:
