@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
+CompileMode = Literal["auto", "on", "off"]
 
 
 class _Strict(BaseModel):
@@ -45,7 +46,7 @@ class LimitsConfig(_Strict):
 
     max_bytes: int = Field(default=25 * 1024 * 1024, gt=0)
     max_pixels: int = Field(default=16_000_000, gt=0, description="Input width x height.")
-    max_output_pixels: int = Field(default=64_000_000, gt=0, description="Output width x height.")
+    max_output_pixels: int = Field(default=8192 * 8192, gt=0, description="Output width x height (2048x2048 at x4).")
     max_faces: int = Field(default=20, gt=0, description="Faces restored per image; the largest are kept.")
 
 
@@ -69,6 +70,8 @@ class TileConfig(_Strict):
 class EngineConfig(_Strict):
     device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     precision: Precision = Field(default="auto", description="auto: fp16 on CUDA, fp32 on CPU.")
+    compile: CompileMode = Field(default="auto", description="torch.compile the upscaler's full tiles; "
+                                 "auto: on CUDA only. Kernels are cached beside the weights.")
     tile: TileConfig = TileConfig()
 
 
@@ -80,13 +83,14 @@ class RuntimeConfig(_Strict):
     limits: LimitsConfig = LimitsConfig()
     tile: TileConfig = TileConfig()
     precision: Precision = "auto"
+    compile: CompileMode = "auto"
     upscaler_batch_wait_s: float = Field(default=0.005, ge=0, le=1)
     face_batch_size: int = Field(default=8, gt=0)
     face_batch_wait_s: float = Field(default=0.005, ge=0, le=1)
     request_timeout_s: float = Field(default=120.0, gt=0)
 
     def engine(self, device: str) -> EngineConfig:
-        return EngineConfig(device=device, precision=self.precision, tile=self.tile)
+        return EngineConfig(device=device, precision=self.precision, compile=self.compile, tile=self.tile)
 
 
 class AppArgs(_Strict):

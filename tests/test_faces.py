@@ -115,8 +115,8 @@ def test_face_cap_keeps_the_largest_faces(engine, astronaut_bgr):
     small = ASTRONAUT_FACE.copy()
     small[0, :4] = [400, 400, 420, 420]  # a tiny box, same landmarks: the cap drops it first
     engine.detector = lambda bgr: np.concatenate([small, ASTRONAUT_FACE, small])
-    job = engine.prepare(astronaut_bgr)
-    assert job.faces_detected == 3 and len(job.crops) == 2  # max_faces=2
+    found = engine.find(astronaut_bgr)
+    assert found.faces_detected == 3 and len(found.crops) == 2  # max_faces=2
     assert geo.largest_indices([r[:4] for r in np.concatenate([small, ASTRONAUT_FACE, small])], 2, 512, 512) == [0, 1]
 
 

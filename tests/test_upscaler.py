@@ -69,7 +69,7 @@ def test_tiled_is_close_to_untiled_and_closer_than_official_tiling(store, weight
     untiled = load_upscaler("RealESRGAN_x4plus", store, UNTILED).upscale([img])[0]
     tile = TileConfig(size=48, pad=6, blend=4, batch_size=4)
     engine = load_upscaler("RealESRGAN_x4plus", store, EngineConfig(device="cpu", tile=tile))
-    job = engine.prepare(img)
+    job = engine.planner.prepare(img)
     assert {x.shape for x in job.inputs()} == {(3, 48, 48)} and len(job.inputs()) > 4
     tiled = engine.upscale([img])[0]
     official = _reference("RealESRGAN_x4plus", weights_dir, img, tile=48, tile_pad=6)
@@ -96,5 +96,5 @@ def test_a_picture_of_tile_size_is_one_tile(store, astronaut_bgr):
     engine = load_upscaler("realesr-animevideov3", store,
                            EngineConfig(device="cpu", tile=TileConfig(size=64, pad=8, blend=4)))
     img = np.ascontiguousarray(astronaut_bgr[:64, :64])
-    assert [x.shape for x in engine.prepare(img).inputs()] == [(3, 64, 64)]
+    assert [x.shape for x in engine.planner.prepare(img).inputs()] == [(3, 64, 64)]
     assert engine.upscale([img])[0].shape == (256, 256, 3)

@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from serve_app.config import Precision
+from serve_app.config import CompileMode, Precision
 
 log = logging.getLogger(__name__)
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -30,3 +30,8 @@ def resolve_dtype(precision: Precision, device: torch.device) -> torch.dtype:
             log.warning("precision %s is not used on %s; running fp32", precision, device)
         return torch.float32
     return torch.float16 if precision == "auto" else _DTYPES[precision]
+
+
+def resolve_compile(mode: CompileMode, device: torch.device) -> bool:
+    """auto compiles on CUDA only: on the CPU the compile takes about a minute for a smaller gain."""
+    return device.type == "cuda" if mode == "auto" else mode == "on"

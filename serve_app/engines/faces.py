@@ -11,8 +11,9 @@ these deliberate differences:
   grayscale with a background upsampler, and pastes 8-bit faces into 16-bit backgrounds).
 - At most ``max_faces`` faces are restored: the largest ones; the rest are left as they are
   and counted in ``faces_skipped``.
-The background upsampler is any callable ``(image, upscale) -> image``, so the server can
-route it to the GPU upscaler deployment.
+The work is split so a server can run each half where it belongs: ``find``, ``restore`` and
+``parse`` run networks (the GPU replica); ``paste_faces`` is numpy and OpenCV (a CPU replica),
+and takes a background already upscaled by any means.
 """
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ Background = Callable[[np.ndarray, float], np.ndarray]
 
 
 @dataclass
-class FaceJob:
-    image: np.ndarray  # the caller's picture, any mode (read-only is fine)
-    work: np.ndarray  # 8-bit BGR copy that faces are found in and cut from
+class FoundFaces:
+    """The faces found in a picture: aligned 512x512 crops and the affines that cut them."""
+
     crops: list[np.ndarray] = field(default_factory=list)
     affines: list[np.ndarray] = field(default_factory=list)
     faces_detected: int = 0
@@ -69,29 +70,30 @@ class RetinaFaceDetector:
 
 
 class FaceEngine:
+    """The device half (find, restore, parse); ``paste_faces`` is the CPU half."""
+
     def __init__(self, restorer: nn.Module, parser: nn.Module, detector: Detector, *,
                  device: torch.device, dtype: torch.dtype = torch.float32, max_faces: int = 20):
         self.restorer, self.parser, self.detector = restorer, parser, detector
         self.device, self.dtype, self.max_faces = device, dtype, max_faces
 
-    # ------------------------------------------------------------------ the whole path
     def enhance(self, image: np.ndarray, *, upscale: float = 2, only_center_face: bool = False,
                 aligned: bool = False, strength: float = 1.0,
                 background: Background | None = None) -> FaceResult:
-        job = self.prepare(image, only_center_face=only_center_face, aligned=aligned)
-        restored = self.restore(job.crops, strength=strength)
-        return self.finish(job, restored, upscale=upscale, aligned=aligned, background=background)
+        """The whole path on any decoded picture (grey, BGR or BGRA; 8 or 16 bit)."""
+        found = self.find(to_bgr8(image), only_center_face=only_center_face, aligned=aligned)
+        restored = self.restore(found.crops, strength=strength)
+        parsings = self.parse(restored) if restored and not aligned else []
+        base = background(image, upscale) if background is not None and not aligned else None
+        return paste_faces(image, found, restored, parsings, upscale=upscale, aligned=aligned, background=base)
 
-    # ------------------------------------------------------------------ step 1 (CPU + detector)
-    def prepare(self, image: np.ndarray, *, only_center_face: bool = False, aligned: bool = False) -> FaceJob:
-        work = to_bgr8(image)
-        job = FaceJob(image, work)
+    # ------------------------------------------------------------------ step 1 (detector)
+    def find(self, work: np.ndarray, *, only_center_face: bool = False, aligned: bool = False) -> FoundFaces:
+        """Detect and align the faces of an 8-bit BGR picture (``to_bgr8``)."""
         if aligned:  # the input already is an aligned face, as GFPGANer's has_aligned
-            job.crops = [cv2.resize(work, (geo.FACE_SIZE, geo.FACE_SIZE))]
-            job.faces_detected = 1
-            return job
+            return FoundFaces([cv2.resize(work, (geo.FACE_SIZE, geo.FACE_SIZE))], [], 1)
         boxes, landmarks = geo.faces_of(self.detector(work))
-        job.faces_detected = len(landmarks)
+        found = FoundFaces(faces_detected=len(landmarks))
         h, w = work.shape[:2]
         if landmarks and only_center_face:
             keep = [geo.center_face_index(boxes, h, w)]
@@ -99,9 +101,9 @@ class FaceEngine:
             keep = geo.largest_indices(boxes, self.max_faces, h, w)
         for i in keep:
             crop, affine = geo.align_face(work, landmarks[i])
-            job.crops.append(crop)
-            job.affines.append(affine)
-        return job
+            found.crops.append(crop)
+            found.affines.append(affine)
+        return found
 
     # ------------------------------------------------------------------ step 2 (device)
     @torch.inference_mode()
@@ -122,38 +124,44 @@ class FaceEngine:
 
     @torch.inference_mode()
     def parse(self, faces: list[np.ndarray]) -> list[np.ndarray]:
-        """ParseNet class indices (512x512) of restored faces, in one batch."""
+        """ParseNet class indices (512x512, uint8) of restored faces, in one batch."""
+        if not faces:
+            return []
         x = _faces_to_tensor(faces).to(self.device, torch.float32)
-        return list(self.parser(x)[0].argmax(dim=1).cpu().numpy())
+        return list(self.parser(x)[0].argmax(dim=1).to(torch.uint8).cpu().numpy())
 
-    # ------------------------------------------------------------------ step 3 (CPU)
-    def finish(self, job: FaceJob, restored: list[np.ndarray], *, upscale: float = 2, aligned: bool = False,
-               background: Background | None = None) -> FaceResult:
-        if aligned:
-            return FaceResult(restored[0], job.faces_detected, 1, job.crops, restored)
-        h, w = job.image.shape[:2]
-        size = (int(w * upscale), int(h * upscale))
-        base = background(job.image, upscale) if background is not None else job.image
-        canvas = cv2.resize(base, size, interpolation=cv2.INTER_LANCZOS4)
-        if restored:
-            canvas = self._paste(canvas, job, restored, upscale)
-        return FaceResult(canvas, job.faces_detected, len(restored), job.crops, restored)
 
-    def _paste(self, canvas: np.ndarray, job: FaceJob, restored: list[np.ndarray], upscale: float) -> np.ndarray:
-        dtype, gray = canvas.dtype, canvas.ndim == 2
-        alpha = canvas[:, :, 3:] if canvas.ndim == 3 and canvas.shape[2] == 4 else None
-        colour = cv2.cvtColor(canvas, cv2.COLOR_GRAY2BGR) if gray else canvas[:, :, :3]
-        # Faces are 8-bit; a 16-bit canvas gets them at its own range.
-        face_range = 65535.0 / 255.0 if dtype == np.uint16 else 1.0
-        blended = colour
-        for face, parsing, affine in zip(restored, self.parse(restored), job.affines):
-            face = face if face_range == 1.0 else face.astype(np.float32) * face_range
-            blended = geo.paste_face(blended, face, geo.parse_mask(parsing), geo.inverse_affine(affine, upscale))
-        # As facexlib: truncate, do not round, so the result matches GFPGANer byte for byte.
-        result = blended.astype(dtype)
-        if gray:
-            return cv2.cvtColor(result, cv2.COLOR_BGR2GRAY)
-        return np.concatenate([result, alpha], axis=2) if alpha is not None else result
+# ---------------------------------------------------------------------- step 3 (CPU)
+def paste_faces(image: np.ndarray, found: FoundFaces, restored: list[np.ndarray], parsings: list[np.ndarray],
+                *, upscale: float = 2, aligned: bool = False, background: np.ndarray | None = None) -> FaceResult:
+    """Paste restored faces into ``image`` resized by ``upscale`` (or into ``background``, the
+    image already upscaled by a network), as GFPGANer does. Pure CPU: no network needed."""
+    if aligned:
+        return FaceResult(restored[0], found.faces_detected, 1, found.crops, restored)
+    h, w = image.shape[:2]
+    size = (int(w * upscale), int(h * upscale))
+    canvas = cv2.resize(background if background is not None else image, size, interpolation=cv2.INTER_LANCZOS4)
+    if restored:
+        canvas = _paste(canvas, found, restored, parsings, upscale)
+    return FaceResult(canvas, found.faces_detected, len(restored), found.crops, restored)
+
+
+def _paste(canvas: np.ndarray, found: FoundFaces, restored: list[np.ndarray], parsings: list[np.ndarray],
+           upscale: float) -> np.ndarray:
+    dtype, gray = canvas.dtype, canvas.ndim == 2
+    alpha = canvas[:, :, 3:] if canvas.ndim == 3 and canvas.shape[2] == 4 else None
+    colour = cv2.cvtColor(canvas, cv2.COLOR_GRAY2BGR) if gray else canvas[:, :, :3]
+    # Faces are 8-bit; a 16-bit canvas gets them at its own range.
+    face_range = 65535.0 / 255.0 if dtype == np.uint16 else 1.0
+    blended = colour
+    for face, parsing, affine in zip(restored, parsings, found.affines):
+        face = face if face_range == 1.0 else face.astype(np.float32) * face_range
+        blended = geo.paste_face(blended, face, geo.parse_mask(parsing), geo.inverse_affine(affine, upscale))
+    # As facexlib: truncate, do not round, so the result matches GFPGANer byte for byte.
+    result = blended.astype(dtype)
+    if gray:
+        return cv2.cvtColor(result, cv2.COLOR_BGR2GRAY)
+    return np.concatenate([result, alpha], axis=2) if alpha is not None else result
 
 
 def to_bgr8(image: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ inputs -> outputs) and ``finish`` (CPU: outputs -> image).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import cv2
 import numpy as np
@@ -55,30 +55,19 @@ class UpscaleJob:
         return [x for plane in self.planes for x in plane.inputs]
 
 
-class Upscaler:
-    def __init__(self, network: nn.Module, scale: int, *, device: torch.device, dtype: torch.dtype,
-                 tile: TileConfig):
+class TilePlanner:
+    """The CPU side of an upscaler: image -> fixed-shape network inputs, outputs -> image.
+
+    It needs the network's scale and the tile settings, not the network, so CPU replicas run it
+    and only tiles travel to the GPU.
+    """
+
+    def __init__(self, scale: int, tile: TileConfig):
         # Real-ESRGAN's x2 and x1 networks pixel-unshuffle their input, which must divide by 2 or 4.
         self.multiple = {1: 4, 2: 2}.get(scale, 1)
         if tile.size and tile.size % self.multiple:
             raise ValueError(f"tile size {tile.size} must be a multiple of {self.multiple} for x{scale}")
-        self.network, self.scale, self.device, self.dtype, self.tile = network, scale, device, dtype, tile
-        # channels_last runs Real-ESRGAN's convolutions about 1.3x faster on CUDA.
-        self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-        self.network.to(memory_format=self.memory_format)
-
-    # ------------------------------------------------------------------ the whole path
-    def upscale(self, images: list[np.ndarray], *, outscale: float | None = None,
-                alpha_upsampler: AlphaUpsampler = "realesrgan") -> list[np.ndarray]:
-        """Restore a list of images (HxW, HxWx3 BGR or HxWx4 BGRA; uint8 or uint16)."""
-        jobs = [self.prepare(img, outscale=outscale, alpha_upsampler=alpha_upsampler) for img in images]
-        outputs = self.forward_all([x for job in jobs for x in job.inputs()])
-        results = []
-        for job in jobs:
-            n = len(job.inputs())
-            results.append(self.finish(job, outputs[:n]))
-            outputs = outputs[n:]
-        return results
+        self.scale, self.tile = scale, tile
 
     # ------------------------------------------------------------------ step 1 (CPU)
     def prepare(self, img: np.ndarray, *, outscale: float | None = None,
@@ -121,29 +110,6 @@ class Upscaler:
         plan = plan_tiles(padded.shape[1], padded.shape[2], th, tw, self.tile.pad, self.tile.blend)
         return _Plane(list(cut_tiles(padded, plan)), plan, height, width)
 
-    # ------------------------------------------------------------------ step 2 (device)
-    @torch.inference_mode()
-    def forward(self, batch: np.ndarray) -> np.ndarray:
-        """N x 3 x h x w float32 in [0, 1] -> N x 3 x h*scale x w*scale float32 in [0, 1]."""
-        x = torch.from_numpy(batch).to(self.device, non_blocking=True)
-        x = x.to(dtype=self.dtype, memory_format=self.memory_format)
-        y = self.network(x).float().clamp_(0, 1)
-        return y.cpu().numpy()
-
-    def forward_all(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        """Forward a list of inputs, batching those of equal shape ``tile.batch_size`` at a time."""
-        outputs: list[np.ndarray | None] = [None] * len(inputs)
-        by_shape: dict[tuple, list[int]] = {}
-        for i, x in enumerate(inputs):
-            by_shape.setdefault(x.shape, []).append(i)
-        for indices in by_shape.values():
-            for start in range(0, len(indices), self.tile.batch_size):
-                chunk = indices[start : start + self.tile.batch_size]
-                result = self.forward(np.stack([inputs[i] for i in chunk]))
-                for i, y in zip(chunk, result):
-                    outputs[i] = y
-        return outputs
-
     # ------------------------------------------------------------------ step 3 (CPU)
     def finish(self, job: UpscaleJob, outputs: list[np.ndarray]) -> np.ndarray:
         planes = []
@@ -173,10 +139,58 @@ class Upscaler:
     def _assemble(self, plane: _Plane, outputs: list[np.ndarray]) -> np.ndarray:
         """The plane's H*s x W*s x 3 BGR float image from its network outputs."""
         s = self.scale
-        full = outputs[0] if plane.plan is None else stitch(np.stack(outputs), plane.plan, s)
+        # Outputs may be float16 (from CUDA): the arithmetic below is float32.
+        full = outputs[0].astype(np.float32) if plane.plan is None else stitch(np.stack(outputs), plane.plan, s)
         rgb = full[:, : plane.height * s, : plane.width * s]
         return np.ascontiguousarray(rgb[::-1].transpose(1, 2, 0))
 
+
+class Upscaler:
+    """A network on its device: batches of tiles in, batches of outputs out (step 2)."""
+
+    def __init__(self, network: nn.Module, scale: int, *, device: torch.device, dtype: torch.dtype,
+                 tile: TileConfig):
+        self.planner = TilePlanner(scale, tile)
+        self.network, self.scale, self.device, self.dtype, self.tile = network, scale, device, dtype, tile
+        # channels_last runs Real-ESRGAN's convolutions about 1.3x faster on CUDA.
+        self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        self.network.to(memory_format=self.memory_format)
+        self.run: Callable[[torch.Tensor], torch.Tensor] = network  # or its compiled form
+
+    def upscale(self, images: list[np.ndarray], *, outscale: float | None = None,
+                alpha_upsampler: AlphaUpsampler = "realesrgan") -> list[np.ndarray]:
+        """Restore a list of images (HxW, HxWx3 BGR or HxWx4 BGRA; uint8 or uint16): the whole path."""
+        jobs = [self.planner.prepare(img, outscale=outscale, alpha_upsampler=alpha_upsampler) for img in images]
+        outputs = self.forward_all([x for job in jobs for x in job.inputs()])
+        results = []
+        for job in jobs:
+            n = len(job.inputs())
+            results.append(self.planner.finish(job, outputs[:n]))
+            outputs = outputs[n:]
+        return results
+
+    # ------------------------------------------------------------------ step 2 (device)
+    @torch.inference_mode()
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """N x 3 x h x w in [0, 1] -> N x 3 x h*scale x w*scale in [0, 1], in the network's dtype
+        on CUDA (half the copy back of float32) and float32 on the CPU."""
+        x = torch.from_numpy(batch).to(self.device, non_blocking=True)
+        x = x.to(dtype=self.dtype, memory_format=self.memory_format)
+        return self.run(x).clamp_(0, 1).contiguous().cpu().numpy()
+
+    def forward_all(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """Forward a list of inputs, batching those of equal shape ``tile.batch_size`` at a time."""
+        outputs: list[np.ndarray | None] = [None] * len(inputs)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, x in enumerate(inputs):
+            by_shape.setdefault(x.shape, []).append(i)
+        for indices in by_shape.values():
+            for start in range(0, len(indices), self.tile.batch_size):
+                chunk = indices[start : start + self.tile.batch_size]
+                result = self.forward(np.stack([inputs[i] for i in chunk]))
+                for i, y in zip(chunk, result):
+                    outputs[i] = y
+        return outputs
 
 def _pre_pad(length: int, pre_pad: int, tile: int) -> int:
     """The reflection pad after an edge, trimmed so a picture that fits one tile stays one tile.
@@ -191,7 +205,8 @@ def _pre_pad(length: int, pre_pad: int, tile: int) -> int:
 
 def load_upscaler(name: str, store, engine, *, denoise: float | None = None) -> Upscaler:
     """The registry upscaler ``name`` with its weights, on the device ``engine`` configures."""
-    from serve_app.engines.device import resolve_device, resolve_dtype
+    from serve_app.engines.compiled import CompiledNetwork, artifacts_path
+    from serve_app.engines.device import resolve_compile, resolve_device, resolve_dtype
     from serve_app.engines.networks import load_network
     from serve_app.weights.registry import get_spec
 
@@ -201,4 +216,11 @@ def load_upscaler(name: str, store, engine, *, denoise: float | None = None) -> 
     device = resolve_device(engine.device)
     dtype = resolve_dtype(engine.precision, device)
     network = load_network(spec, store, device, dtype, denoise=denoise)
-    return Upscaler(network, spec.scale, device=device, dtype=dtype, tile=engine.tile)
+    upscaler = Upscaler(network, spec.scale, device=device, dtype=dtype, tile=engine.tile)
+    # Each denoise value is a network of its own: those run eager rather than compile per value.
+    if resolve_compile(engine.compile, device) and denoise is None and engine.tile.size:
+        artifacts = artifacts_path(store.config.resolved_cache_dir(), name, device, dtype, engine.tile.size)
+        upscaler.run = CompiledNetwork(network, size=engine.tile.size, max_batch=engine.tile.batch_size,
+                                       device=device, dtype=dtype, memory_format=upscaler.memory_format,
+                                       artifacts=artifacts)
+    return upscaler
