@@ -16,7 +16,7 @@ from serve_app.deployments.upscaler import UpscalerDeployment
 
 def build_app(args: dict | AppArgs) -> Application:
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
-    preprocess = PreprocessDeployment.bind()
     upscaler = UpscalerDeployment.bind(args)
-    faces = FaceDeployment.bind(args, upscaler)
+    faces = FaceDeployment.bind(args)
+    preprocess = PreprocessDeployment.bind(args, upscaler, faces)
     return Ingress.bind(args, preprocess, upscaler, faces)

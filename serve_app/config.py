@@ -88,6 +88,11 @@ class RuntimeConfig(_Strict):
     face_batch_size: int = Field(default=8, gt=0)
     face_batch_wait_s: float = Field(default=0.005, ge=0, le=1)
     request_timeout_s: float = Field(default=120.0, gt=0)
+    cpu_threads: int = Field(default=2, gt=0, description="Threads per CPU replica for decode, tiles, "
+                             "paste-back and encode (OpenCV and numpy release the GIL).")
+    gpu_memory_fraction: float | None = Field(
+        default=None, gt=0, le=1, description="Cap on a GPU replica's share of its card's memory; "
+        "default: its num_gpus, so replicas sharing a card cannot starve each other.")
 
     def engine(self, device: str) -> EngineConfig:
         return EngineConfig(device=device, precision=self.precision, compile=self.compile, tile=self.tile)

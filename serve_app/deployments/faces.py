@@ -1,5 +1,7 @@
-"""GPU deployment of the GFPGAN engine: faces batched across requests; backgrounds go to
-the Real-ESRGAN deployment through its handle."""
+"""GPU deployment of the face networks: detect, restore (batched across requests), parse.
+
+Pasting the faces back, and the background, are the CPU deployment's work.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -8,13 +10,13 @@ from collections import Counter
 
 import numpy as np
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import AppArgs, RuntimeConfig
+from serve_app.deployments.gpu import cap_gpu_memory, gpu_memory
 from serve_app.deployments.models import EngineCache
 from serve_app.deployments.threads import Workers
 from serve_app.engines.device import resolve_device
-from serve_app.engines.faces import FaceEngine, load_face_engine
+from serve_app.engines.faces import FaceEngine, FoundFaces, load_face_engine
 from serve_app.errors import InvalidOption
 from serve_app.weights import WeightsStore
 
@@ -23,13 +25,14 @@ log = logging.getLogger("ray.serve")
 
 @serve.deployment
 class FaceDeployment:
-    def __init__(self, args: AppArgs, upscaler: DeploymentHandle):
-        self.args, self.upscaler, self.store = args, upscaler, WeightsStore(args.weights)
+    def __init__(self, args: AppArgs):
+        self.args, self.store = args, WeightsStore(args.weights)
         self.runtime = RuntimeConfig()
         self.engines = EngineCache(self._load)
         self.batch_sizes: Counter[int] = Counter()
         self.workers = Workers()
-        self.device = str(resolve_device(args.device))
+        self.device = resolve_device(args.device)
+        self.memory_fraction = cap_gpu_memory(self.device, self.runtime.gpu_memory_fraction)
         log.info("GFPGAN deployment on %s", self.device)
         self.engines.preload([(name,) for name in args.face_models])
 
@@ -42,30 +45,24 @@ class FaceDeployment:
         reload = (runtime.precision, runtime.limits.max_faces) != (self.runtime.precision,
                                                                    self.runtime.limits.max_faces)
         self.runtime = runtime
+        self.memory_fraction = cap_gpu_memory(self.device, runtime.gpu_memory_fraction)
         self._restore_batch.set_max_batch_size(runtime.face_batch_size)
         self._restore_batch.set_batch_wait_timeout_s(runtime.face_batch_wait_s)
         if reload:
             self.engines.clear()
             self.engines.preload([(name,) for name in self.args.face_models])
 
-    async def restore(self, pixels: np.ndarray, face_model: str, model: str | None, upscale: float,
-                      strength: float = 1.0, only_center_face: bool = False,
-                      aligned: bool = False) -> tuple[np.ndarray, int]:
+    async def restore(self, work: np.ndarray, face_model: str, strength: float = 1.0,
+                      only_center_face: bool = False, aligned: bool = False
+                      ) -> tuple[FoundFaces, list[np.ndarray], list[np.ndarray]]:
+        """An 8-bit BGR picture -> its faces, their restored versions and their parse maps."""
         if face_model not in self.args.face_models:
             raise InvalidOption(f"face_model must be one of {', '.join(self.args.face_models)}")
         engine = self.engines.get(face_model)
-        # Detection runs RetinaFace on the device: the device thread.
-        job = await self.workers.device(engine.prepare, pixels, only_center_face=only_center_face, aligned=aligned)
-        # The background is upscaled on the Real-ESRGAN deployment while the faces are restored here.
-        background = None
-        if model is not None and not aligned:
-            background = self.upscaler.upscale.remote(pixels, model, outscale=upscale)
-        restored = await asyncio.gather(*(self._restore_batch((engine, strength, c)) for c in job.crops))
-        bg = await background if background is not None else None
-        # Pasting parses each face with ParseNet: device work as well.
-        result = await self.workers.device(engine.finish, job, list(restored), upscale=upscale, aligned=aligned,
-                                           background=(lambda img, up: bg) if bg is not None else None)
-        return result.image, result.faces_restored
+        found = await self.workers.device(engine.find, work, only_center_face=only_center_face, aligned=aligned)
+        restored = list(await asyncio.gather(*(self._restore_batch((engine, strength, c)) for c in found.crops)))
+        parsings = [] if aligned else await self.workers.device(engine.parse, restored)
+        return found, restored, parsings
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _restore_batch(self, items: list[tuple[FaceEngine, float, np.ndarray]]) -> list[np.ndarray]:
@@ -83,5 +80,5 @@ class FaceDeployment:
         return results
 
     async def stats(self) -> dict:
-        return {"device": self.device, "failures": dict(self.engines.failures),
-                "batch_sizes": dict(self.batch_sizes)}
+        return {"device": str(self.device), "failures": dict(self.engines.failures),
+                "batch_sizes": dict(self.batch_sizes), "gpu_memory": gpu_memory(self.device, self.memory_fraction)}

@@ -14,42 +14,26 @@ import uuid
 
 import numpy as np
 from ray import serve
-from ray.exceptions import NodeDiedError, RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from serve_app.api import Restored, RestoreOptions, parse_options
+from serve_app.api import Restored, parse_options
 from serve_app.config import AppArgs, RuntimeConfig
-from serve_app.errors import (
-    InvalidOption, Overloaded, ReplicaLost, RequestTimeout, RestoreError, TooManyBytes, TooManyPixels,
-)
-from serve_app.imageio import check_array, default_output_format
-from serve_app.imageio.codec import mode_of
+from serve_app.deployments.failures import typed_error
+from serve_app.errors import InvalidOption, Overloaded, RestoreError, TooManyBytes
 from serve_app.weights import MODELS, WeightsStore
 
 log = logging.getLogger("ray.serve")
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
-def _unwrap(exc: BaseException) -> BaseException:
-    """A replica's exception arrives wrapped in a RayTaskError; its cause is the typed one."""
-    if isinstance(exc, BackPressureError):
-        return Overloaded("the service is at capacity; retry shortly")
-    if isinstance(exc, (RayActorError, NodeDiedError, ReplicaUnavailableError, DeploymentUnavailableError)):
-        return ReplicaLost("a model replica was lost while it held this request (its node may have gone); "
-                           "retry: Serve is replacing it")
-    if isinstance(exc, asyncio.TimeoutError):
-        return RequestTimeout("the request took longer than the service's request timeout")
-    return getattr(exc, "cause", None) or exc
-
-
 @serve.deployment
 class Ingress:
     def __init__(self, args: AppArgs, preprocess: DeploymentHandle, upscaler: DeploymentHandle,
                  faces: DeploymentHandle):
+        # The GPU deployments' handles serve /healthz only; requests go through the CPU deployment.
         self.args, self.store, self.runtime = args, WeightsStore(args.weights), RuntimeConfig()
         self.preprocess, self.upscaler, self.faces = preprocess, upscaler, faces
 
@@ -72,7 +56,7 @@ class Ingress:
             else:
                 response = await route(request)
         except Exception as exc:  # noqa: BLE001  (the one place errors become HTTP answers)
-            response = self._error_response(_unwrap(exc), request_id)
+            response = self._error_response(typed_error(exc), request_id)
         response.headers["x-request-id"] = request_id
         log.info("request %s %s %s -> %d in %.1f ms", request_id, request.method, request.url.path,
                  response.status_code, (time.perf_counter() - started) * 1e3,
@@ -130,14 +114,14 @@ class Ingress:
     async def _http_restore(self, request: Request) -> Response:
         data, values, wants_json = await self._read_request(request)
         options = parse_options(values)
-        encoded, fmt, result = await self._with_timeout(self._restore_bytes(data, options))
+        result = await self._with_timeout(self.preprocess.restore_bytes.remote(data, options))
         headers = {f"x-timing-{k}-ms": f"{v:.1f}" for k, v in result.timings_ms.items()}
         headers["x-faces-restored"] = str(result.faces)
         if wants_json:
-            return JSONResponse({"image": base64.b64encode(encoded).decode(), "format": fmt,
+            return JSONResponse({"image": base64.b64encode(result.data).decode(), "format": result.format,
                                  "width": result.width, "height": result.height, "faces": result.faces},
                                 headers=headers)
-        return Response(encoded, media_type=CONTENT_TYPES[fmt], headers=headers)
+        return Response(result.data, media_type=CONTENT_TYPES[result.format], headers=headers)
 
     async def _http_legacy_inference(self, request: Request) -> Response:
         """The original FastAPI deployment's contract: {"img_str", "tile", "half"} -> base64 PNG (x4).
@@ -146,8 +130,8 @@ class Ingress:
         """
         document = _json(await self._body(request))
         data = _b64(document.get("img_str"), "img_str")
-        encoded, _, _ = await self._with_timeout(self._restore_bytes(data, parse_options({"format": "png"})))
-        return JSONResponse(base64.b64encode(encoded).decode())
+        result = await self._with_timeout(self.preprocess.restore_bytes.remote(data, parse_options({"format": "png"})))
+        return JSONResponse(base64.b64encode(result.data).decode())
 
     async def _http_models(self, request: Request) -> Response:
         offered = set(self.args.upscalers) | set(self.args.face_models)
@@ -163,7 +147,7 @@ class Ingress:
             up, faces, _ = await asyncio.wait_for(asyncio.gather(
                 self.upscaler.stats.remote(), self.faces.stats.remote(), self.preprocess.ping.remote()), 10)
         except Exception as exc:  # noqa: BLE001
-            return JSONResponse({"status": "unavailable", "detail": str(_unwrap(exc))}, 503)
+            return JSONResponse({"status": "unavailable", "detail": str(typed_error(exc))}, 503)
         failures = {**up["failures"], **faces["failures"]}
         if failures:
             return JSONResponse({"status": "degraded", "detail": "some models are not loaded",
@@ -181,49 +165,18 @@ class Ingress:
         """
         try:
             parsed = parse_options({k: v for k, v in options.items() if k not in ("format", "quality")})
-            if isinstance(image, (bytes, bytearray)):
-                pixels = (await self.preprocess.decode.remote(bytes(image))).pixels
-            else:
-                pixels = check_array(image, max_pixels=self.runtime.limits.max_pixels)
-            return await self._with_timeout(self._restore_pixels(pixels, parsed, {}))
+            return await self._with_timeout(self.preprocess.restore_array.remote(image, parsed))
         except Exception as exc:  # noqa: BLE001  callers get our typed errors, as over HTTP
-            error = _unwrap(exc)
+            error = typed_error(exc)
             raise error if isinstance(error, RestoreError) else exc
 
-    # ------------------------------------------------------------------ the graph
-    async def _with_timeout(self, work):
-        return await asyncio.wait_for(work, self.runtime.request_timeout_s)
-
-    async def _restore_bytes(self, data: bytes, options: RestoreOptions) -> tuple[bytes, str, Restored]:
-        started = time.perf_counter()
-        decoded = await self.preprocess.decode.remote(data)
-        timings = {"decode": (time.perf_counter() - started) * 1e3}
-        result = await self._restore_pixels(decoded.pixels, options, timings)
-        fmt = options.format or default_output_format(decoded.header.format)
-        started = time.perf_counter()
-        encoded = await self.preprocess.encode.remote(result.pixels, fmt, options.quality)
-        result.timings_ms["encode"] = (time.perf_counter() - started) * 1e3
-        return encoded, fmt, result
-
-    async def _restore_pixels(self, pixels: np.ndarray, options: RestoreOptions, timings: dict) -> Restored:
-        scale = options.output_scale
-        out_pixels = int(pixels.shape[0] * scale) * int(pixels.shape[1] * scale)
-        if out_pixels > self.runtime.limits.max_output_pixels:
-            raise TooManyPixels(f"the result would be {out_pixels} pixels; the limit is "
-                                f"{self.runtime.limits.max_output_pixels}")
-        started = time.perf_counter()
-        if options.face_enhance:
-            out, faces = await self.faces.restore.remote(
-                pixels, options.face_model, options.upscaler, scale, options.face_strength,
-                options.only_center_face, options.aligned)
-        elif options.upscaler is None:
-            raise InvalidOption("model 'none' restores faces only: set face_enhance=true")
-        else:
-            out = await self.upscaler.upscale.remote(pixels, options.upscaler, options.scale, options.denoise,
-                                                     options.alpha_upsampler)
-            faces = 0
-        timings["restore"] = (time.perf_counter() - started) * 1e3
-        return Restored(out, out.shape[1], out.shape[0], mode_of(out), faces, timings)
+    async def _with_timeout(self, response):
+        """The graph's answer, or RequestTimeout (the work is cancelled) past the request timeout."""
+        try:
+            return await asyncio.wait_for(response, self.runtime.request_timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise
 
 
 def _json(body: bytes) -> dict:

@@ -1,26 +1,137 @@
-"""CPU deployment: header limits, the one decode, and the one encode."""
+"""CPU deployment: all of a request's work besides the networks.
+
+Header limits and the one decode; cutting tiles and stitching them back; pasting faces; the one
+encode. Several of these replicas run beside each GPU replica, so this work is spread over the
+node's cores while the GPU replicas only feed their GPU, and the ingress never handles pixels.
+"""
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import cv2
 import numpy as np
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
-from serve_app.config import RuntimeConfig
-from serve_app.imageio import DecodedImage, decode, encode
+from serve_app.api import Restored, RestoreOptions
+from serve_app.config import AppArgs, RuntimeConfig
+from serve_app.deployments.failures import typed_error
+from serve_app.deployments.threads import Workers
+from serve_app.engines.faces import paste_faces, to_bgr8
+from serve_app.engines.upscaler import TilePlanner
+from serve_app.errors import InvalidOption, RestoreError, TooManyPixels
+from serve_app.imageio import check_array, decode, default_output_format, encode
+from serve_app.imageio.codec import mode_of
+from serve_app.weights import get_spec
+
+
+@dataclass
+class Encoded:
+    """A restored picture as the HTTP answer carries it."""
+
+    data: bytes
+    format: str
+    width: int
+    height: int
+    faces: int
+    timings_ms: dict[str, float]
 
 
 @serve.deployment
 class PreprocessDeployment:
-    def __init__(self):
-        self.limits = RuntimeConfig().limits
+    def __init__(self, args: AppArgs, upscaler: DeploymentHandle, faces: DeploymentHandle):
+        self.args, self.upscaler, self.faces = args, upscaler, faces
+        self.runtime = RuntimeConfig()
+        self.workers = Workers(cpu_threads=self.runtime.cpu_threads)
+        # Parallelism comes from replicas and their threads; OpenCV's own pool would oversubscribe.
+        cv2.setNumThreads(1)
 
     def reconfigure(self, user_config: dict) -> None:
-        self.limits = RuntimeConfig.model_validate(user_config).limits
-
-    def decode(self, data: bytes) -> DecodedImage:
-        return decode(data, max_bytes=self.limits.max_bytes, max_pixels=self.limits.max_pixels)
-
-    def encode(self, pixels: np.ndarray, fmt: str, quality: int | None = None) -> bytes:
-        return encode(pixels, fmt, quality=quality)
+        runtime = RuntimeConfig.model_validate(user_config)
+        if runtime.cpu_threads != self.runtime.cpu_threads:
+            self.workers = Workers(cpu_threads=runtime.cpu_threads)
+        self.runtime = runtime
 
     def ping(self) -> bool:
         return True
+
+    async def restore_bytes(self, data: bytes, options: RestoreOptions) -> Encoded:
+        try:
+            timings: dict[str, float] = {}
+            with _timed(timings, "decode"):
+                decoded = await self.workers.cpu(decode, data, max_bytes=self.runtime.limits.max_bytes,
+                                                 max_pixels=self.runtime.limits.max_pixels)
+            result = await self._restore(decoded.pixels, options, timings)
+            fmt = options.format or default_output_format(decoded.header.format)
+            with _timed(timings, "encode"):
+                encoded = await self.workers.cpu(encode, result.pixels, fmt, quality=options.quality)
+            return Encoded(encoded, fmt, result.width, result.height, result.faces, timings)
+        except Exception as exc:  # noqa: BLE001  a lost GPU replica is named here, where it is seen
+            raise _typed(exc) from None
+
+    async def restore_array(self, image: np.ndarray | bytes, options: RestoreOptions) -> Restored:
+        try:
+            limits = self.runtime.limits
+            if isinstance(image, (bytes, bytearray)):
+                pixels = (await self.workers.cpu(decode, bytes(image), max_bytes=limits.max_bytes,
+                                                 max_pixels=limits.max_pixels)).pixels
+            else:
+                pixels = check_array(image, max_pixels=limits.max_pixels)
+            return await self._restore(pixels, options, {})
+        except Exception as exc:  # noqa: BLE001
+            raise _typed(exc) from None
+
+    async def _restore(self, pixels: np.ndarray, options: RestoreOptions, timings: dict) -> Restored:
+        scale = options.output_scale
+        out_pixels = int(pixels.shape[0] * scale) * int(pixels.shape[1] * scale)
+        if out_pixels > self.runtime.limits.max_output_pixels:
+            raise TooManyPixels(f"the result would be {out_pixels} pixels; the limit is "
+                                f"{self.runtime.limits.max_output_pixels}")
+        with _timed(timings, "restore"):
+            if options.face_enhance:
+                out, faces = await self._faces(pixels, options)
+            elif options.upscaler is None:
+                raise InvalidOption("model 'none' restores faces only: set face_enhance=true")
+            else:
+                out, faces = await self._upscale(pixels, options, options.scale), 0
+        return Restored(out, out.shape[1], out.shape[0], mode_of(out), faces, timings)
+
+    async def _upscale(self, pixels: np.ndarray, options: RestoreOptions, outscale: float | None) -> np.ndarray:
+        model = options.upscaler
+        if model not in self.args.upscalers:  # before the tiles are cut
+            raise InvalidOption(f"model must be one of {', '.join(self.args.upscalers)} or none, not {model!r}")
+        planner = TilePlanner(get_spec(model).scale, self.runtime.tile)
+        job = await self.workers.cpu(planner.prepare, pixels, outscale=outscale,
+                                     alpha_upsampler=options.alpha_upsampler)
+        outputs = await self.upscaler.forward.remote(model, options.denoise, np.stack(job.inputs()))
+        return await self.workers.cpu(planner.finish, job, list(outputs))
+
+    async def _faces(self, pixels: np.ndarray, options: RestoreOptions) -> tuple[np.ndarray, int]:
+        if options.face_model not in self.args.face_models:
+            raise InvalidOption(f"face_model must be one of {', '.join(self.args.face_models)}")
+        upscale = options.output_scale
+        work = await self.workers.cpu(to_bgr8, pixels)
+        faces = self.faces.restore.remote(work, options.face_model, options.face_strength,
+                                          options.only_center_face, options.aligned)
+        # The background goes through the upscaler while the faces are restored.
+        background = None
+        if options.upscaler is not None and not options.aligned:
+            background = await self._upscale(pixels, options, upscale)
+        found, restored, parsings = await faces
+        result = await self.workers.cpu(paste_faces, pixels, found, restored, parsings, upscale=upscale,
+                                        aligned=options.aligned, background=background)
+        return result.image, result.faces_restored
+
+
+def _typed(exc: BaseException) -> BaseException:
+    error = typed_error(exc)
+    return error if isinstance(error, RestoreError) else exc
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str):
+    started = time.perf_counter()
+    yield
+    timings[name] = (time.perf_counter() - started) * 1e3

@@ -1,9 +1,14 @@
-"""GPU deployment of the Real-ESRGAN engine: fixed-shape tiles batched across requests."""
+"""GPU deployment of the Real-ESRGAN networks: tiles in, tiles out, batched across requests.
+
+Cutting and stitching happen in the CPU deployment, so this replica's Python thread does
+little besides feeding the GPU.
+"""
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import time
 from collections import Counter
 
 import numpy as np
@@ -11,6 +16,7 @@ import ray
 from ray import serve
 
 from serve_app.config import AppArgs, RuntimeConfig
+from serve_app.deployments.gpu import RequestTime, RequestTimes, cap_gpu_memory, gpu_memory
 from serve_app.deployments.models import EngineCache
 from serve_app.deployments.threads import Workers
 from serve_app.engines.device import resolve_device
@@ -28,8 +34,10 @@ class UpscalerDeployment:
         self.runtime = RuntimeConfig()
         self.engines = EngineCache(self._load)
         self.batch_sizes: Counter[int] = Counter()
+        self.times = RequestTimes()
         self.workers = Workers()
-        self.device = str(resolve_device(args.device))
+        self.device = resolve_device(args.device)
+        self.memory_fraction = cap_gpu_memory(self.device, self.runtime.gpu_memory_fraction)
         log.info("Real-ESRGAN deployment on %s", self.device)
         self.engines.preload([(name, None) for name in args.upscalers])
 
@@ -38,44 +46,67 @@ class UpscalerDeployment:
 
     def reconfigure(self, user_config: dict) -> None:
         runtime = RuntimeConfig.model_validate(user_config)
-        reload = (runtime.tile, runtime.precision) != (self.runtime.tile, self.runtime.precision)
+        reload = (runtime.tile, runtime.precision, runtime.compile) != (
+            self.runtime.tile, self.runtime.precision, self.runtime.compile)
         self.runtime = runtime
+        self.memory_fraction = cap_gpu_memory(self.device, runtime.gpu_memory_fraction)
         self._forward_batch.set_max_batch_size(runtime.tile.batch_size)
         self._forward_batch.set_batch_wait_timeout_s(runtime.upscaler_batch_wait_s)
-        if reload:  # engines hold their tile shape and number format
+        if reload:  # engines hold their tile shape, number format and compiled kernels
             self.engines.clear()
             self.engines.preload([(name, None) for name in self.args.upscalers])
 
     # async: Serve runs sync methods in a thread pool, where the same CUDA forward ran 6x slower.
-    async def upscale(self, pixels: np.ndarray, model: str, outscale: float | None = None,
-                      denoise: float | None = None, alpha_upsampler: str = "realesrgan") -> np.ndarray:
+    async def forward(self, model: str, denoise: float | None, tiles: np.ndarray) -> np.ndarray:
+        """N x 3 x h x w network inputs of one request -> its N outputs (see ``Upscaler.forward``)."""
+        entered = time.perf_counter()
         if model not in self.args.upscalers:
             raise InvalidOption(f"model must be one of {', '.join(self.args.upscalers)} or none, not {model!r}")
-        if get_spec(model).denoise_twin is None or denoise == 1:
-            denoise = None  # as the official script: only realesr-general-x4v3 blends
-        elif denoise is not None:
-            denoise = round(denoise, 2)  # bounds the networks kept per denoise value
-        engine = self.engines.get(model, denoise)
-        job = await self.workers.cpu(engine.prepare, pixels, outscale=outscale, alpha_upsampler=alpha_upsampler)
-        outputs = await asyncio.gather(*(self._forward_batch((engine, x)) for x in job.inputs()))
-        return await self.workers.cpu(engine.finish, job, list(outputs))
+        engine = self.engines.get(model, _networks_denoise(model, denoise))
+        done = await asyncio.gather(*(self._forward_batch((engine, x)) for x in tiles))
+        batches = {batch: (started, bare) for _, batch, started, bare in done}
+        first_start = min(started for started, _ in batches.values())
+        self.times.add(RequestTime(queued_ms=(first_start - entered) * 1e3,
+                                   served_ms=(time.perf_counter() - first_start) * 1e3,
+                                   bare_ms=sum(bare for _, bare in batches.values())))
+        return np.stack([y for y, *_ in done])
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _forward_batch(self, items: list[tuple[Upscaler, np.ndarray]]) -> list[np.ndarray]:
-        """One forward pass per engine and shape over the tiles of every waiting request."""
+    async def _forward_batch(self, items: list[tuple[Upscaler, np.ndarray]]) -> list[tuple]:
+        """One forward pass per engine and shape over the tiles of every waiting request.
+
+        Each tile comes back with its batch's identity, start time and bare forward time.
+        """
+        started = time.perf_counter()
         self.batch_sizes[len(items)] += 1
         groups: dict[tuple, list[int]] = {}
         for i, (engine, x) in enumerate(items):
             groups.setdefault((id(engine), x.shape), []).append(i)
-        results: list[np.ndarray | None] = [None] * len(items)
-        for indices in groups.values():
+        results: list[tuple | None] = [None] * len(items)
+        for key, indices in groups.items():
             engine = items[indices[0]][0]
-            batch = np.stack([items[i][1] for i in indices])
-            for i, y in zip(indices, await self.workers.device(engine.forward, batch)):
-                results[i] = y
+            outputs, bare_ms = await self.workers.device(engine.forward_timed,
+                                                         np.stack([items[i][1] for i in indices]))
+            for i, y in zip(indices, outputs):
+                results[i] = (y, (started, key), started, bare_ms)
         return results
 
     async def stats(self) -> dict:
-        return {"device": self.device, "failures": dict(self.engines.failures), "pid": os.getpid(),
+        return {"device": str(self.device), "failures": dict(self.engines.failures), "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id(),
-                "batch_sizes": dict(self.batch_sizes), "runtime": self.runtime.model_dump(mode="json")}
+                "batch_sizes": dict(self.batch_sizes), "times": self.times.summary(),
+                "gpu_memory": gpu_memory(self.device, self.memory_fraction),
+                "runtime": self.runtime.model_dump(mode="json")}
+
+    async def reset_stats(self) -> None:
+        """Forget counts and times (the benchmark measures each load level on its own)."""
+        self.batch_sizes.clear()
+        self.times.clear()
+
+
+def _networks_denoise(model: str, denoise: float | None) -> float | None:
+    """The denoise value that selects a network: only realesr-general-x4v3 blends, as in the
+    official script; 1 is the plain network, and values are rounded to bound the networks kept."""
+    if get_spec(model).denoise_twin is None or denoise is None or denoise == 1:
+        return None
+    return round(denoise, 2)

@@ -14,6 +14,7 @@ inputs -> outputs) and ``finish`` (CPU: outputs -> image).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -170,13 +171,20 @@ class Upscaler:
         return results
 
     # ------------------------------------------------------------------ step 2 (device)
-    @torch.inference_mode()
     def forward(self, batch: np.ndarray) -> np.ndarray:
         """N x 3 x h x w in [0, 1] -> N x 3 x h*scale x w*scale in [0, 1], in the network's dtype
         on CUDA (half the copy back of float32) and float32 on the CPU."""
+        return self.forward_timed(batch)[0]
+
+    @torch.inference_mode()
+    def forward_timed(self, batch: np.ndarray) -> tuple[np.ndarray, float]:
+        """``forward`` and the milliseconds the network alone took (CUDA events on the GPU), so a
+        server can tell its own overhead from the bare forward."""
         x = torch.from_numpy(batch).to(self.device, non_blocking=True)
         x = x.to(dtype=self.dtype, memory_format=self.memory_format)
-        return self.run(x).clamp_(0, 1).contiguous().cpu().numpy()
+        with _stopwatch(self.device) as bare:
+            y = self.run(x)
+        return y.clamp_(0, 1).contiguous().cpu().numpy(), bare.ms
 
     def forward_all(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """Forward a list of inputs, batching those of equal shape ``tile.batch_size`` at a time."""
@@ -191,6 +199,31 @@ class Upscaler:
                 for i, y in zip(chunk, result):
                     outputs[i] = y
         return outputs
+
+class _stopwatch:
+    """Milliseconds of device work in a ``with`` block; read ``ms`` once the results are on the host."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.end.record()
+        else:
+            self.elapsed = (time.perf_counter() - self.started) * 1e3
+
+    @property
+    def ms(self) -> float:
+        return self.start.elapsed_time(self.end) if self.cuda else self.elapsed
+
 
 def _pre_pad(length: int, pre_pad: int, tile: int) -> int:
     """The reflection pad after an edge, trimmed so a picture that fits one tile stays one tile.
