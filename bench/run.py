@@ -1,0 +1,135 @@
+"""The benchmark, in one command, on any CUDA machine (or a small smoke run on the CPU):
+
+    python -m bench.run [--out bench/results/NAME.json] [--seconds 8]
+
+In one run, on one device: the reference paths (RealESRGANer, GFPGANer) one image at a time;
+our engines' device stage at a fixed tile shape (eager and compiled, TFLOP/s against a matmul
+peak measured here, PSNR against fp32 eager); how the calling style of a Serve replica changes
+the same forward's GPU time; and the whole served graph over HTTP. Prints the JSON report (also
+written to --out) and, on stderr, the table the README shows.
+
+Weights are real wherever the store has them (the cache, or ncnn conversions), random elsewhere;
+the report says which. Speed does not depend on the weights' values.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+import serve_app
+from bench import call_styles, engines, served
+from bench.common import weights_in_use
+from serve_app.config import WeightsConfig
+from serve_app.weights import WeightsStore
+
+UPSCALER, FACE_MODEL = "RealESRGAN_x4plus", "GFPGANv1.4"
+
+
+def settings(cuda: bool, seconds: float | None) -> dict:
+    if cuda:
+        return {"tile": 256, "batch": 8, "repeats": 10, "levels": [1, 4, 8, 16, 32, 64],
+                "sizes": {"upscale": 256, "largest": 2048}, "seconds": seconds or 8.0, "compile": "on"}
+    return {"tile": 96, "batch": 2, "repeats": 2, "levels": [1, 2], "sizes": {"upscale": 96, "largest": 128},
+            "seconds": seconds or 3.0, "compile": "off"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="where to write the JSON report too")
+    parser.add_argument("--seconds", type=float, help="seconds per load level (default 8 on CUDA)")
+    parser.add_argument("--cache-dir", type=Path, default=WeightsConfig().resolved_cache_dir(),
+                        help="weights and compiled kernels (default: the service's cache)")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    s = settings(cuda, args.seconds)
+    folder = Path(tempfile.mkdtemp())
+    used = weights_in_use(folder, args.cache_dir, [UPSCALER, FACE_MODEL, "retinaface_resnet50", "parsenet"])
+    store = WeightsStore(WeightsConfig(folder=folder, cache_dir=args.cache_dir, download=False))
+    started = time.perf_counter()
+    report = {
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "cpus": __import__("os").cpu_count(),
+        "versions": {"torch": torch.__version__, "ray": ray.__version__, "serve_app": serve_app.__version__,
+                     "python": platform.python_version()},
+        "settings": {**s, "weights": used},
+        "engines": engines.run(store, upscaler=UPSCALER, face_model=FACE_MODEL, device=device, tile=s["tile"],
+                               batch=s["batch"], repeats=s["repeats"], compile_too=s["compile"] == "on"),
+    }
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    served.start_ray()
+    report["call_styles"] = call_styles.run(s["tile"], 4 if cuda else 1, s["repeats"])
+    report["served"] = served.run(folder, args.cache_dir, tile=s["tile"], batch=s["batch"], sizes=s["sizes"],
+                                  levels=s["levels"], seconds=s["seconds"], compile_mode=s["compile"])
+    ray.shutdown()
+    report["wall_s"] = time.perf_counter() - started
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(table(report), file=sys.stderr)
+
+
+def table(report: dict) -> str:
+    """The short summary the README shows."""
+    eng, srv = report["engines"], report["served"]
+    ref_up, ref_face = eng["reference"]["RealESRGANer"], eng["reference"]["GFPGANer"]
+    up, faces = srv["upscale"], srv["faces"]
+    stage = eng["upscaler"][UPSCALER]
+    peak = eng["matmul_peak_tflops"]
+    rows = [
+        f"{report['device']}, {report['cpus']} CPUs; torch {report['versions']['torch']}, "
+        f"Ray {report['versions']['ray']}; matmul peak {peak['value']:.3g} TFLOP/s ({peak['dtype']})",
+        "",
+        "| measure | restore-serve | reference | ratio |",
+        "| --- | --- | --- | --- |",
+        f"| {ref_up['input'][0]}x{ref_up['input'][1]} x4, PNG out, images/s (served over HTTP vs "
+        f"RealESRGANer) | {up['best_images_per_s']:.1f} | {ref_up['images_per_s']:.1f} | "
+        f"{up['best_images_per_s'] / ref_up['images_per_s']:.2f}x |",
+        f"| one-face 512x512 photo, x2, PNG out, images/s (served vs GFPGANer) | {faces['best_images_per_s']:.1f} "
+        f"| {ref_face['images_per_s']:.1f} | {faces['best_images_per_s'] / ref_face['images_per_s']:.2f}x |",
+    ]
+    for key, r in stage.items():
+        if isinstance(r, dict) and "tiles_per_s" in r:
+            rows.append(f"| GPU stage {key}, {report['settings']['tile']}px tiles, batch {report['settings']['batch']} "
+                        f"| {r['tiles_per_s']:.1f} tiles/s, {r['tflops']:.3g} TFLOP/s, "
+                        f"{r['percent_of_matmul_peak']:.1f}% of peak | | |")
+    for key, db in stage["psnr_vs_fp32_eager_db"].items():
+        rows.append(f"| {key} vs fp32 eager, PSNR | {db:.1f} dB | | |")
+    for name, path in (("upscale", up), ("faces", faces)):
+        loaded, unloaded = path["open_loop_at_70_percent"], path["closed_loop"][0]
+        rows.append(f"| {name}: p99 at 70% of peak ({loaded['offered_per_s']:.1f}/s) vs unloaded p50 "
+                    f"| {loaded['p99_ms']:.0f} ms | {unloaded['p50_ms']:.0f} ms | {loaded['p99_over_unloaded_p50']:.2f}x |")
+    best = max(up["closed_loop"], key=lambda r: r["images_per_s"])
+    times = best["upscaler_replica"]["times"]
+    if times.get("requests"):
+        rows.append(f"| upscaler replica: a request's batch time vs bare forward (concurrency {best['concurrency']}) "
+                    f"| {times['served_ms_p50']:.1f} ms | {times['bare_ms_p50']:.1f} ms | "
+                    f"{times['served_over_bare']:.2f}x |")
+    for name, r in srv["gpu_replicas"].items():
+        if r["gpu_memory"]:
+            m = r["gpu_memory"]
+            rows.append(f"| {name} peak GPU memory (cap) | {m['peak_reserved_gib']:.1f} GiB reserved "
+                        f"| {m['cap_gib']:.1f} GiB cap | |")
+    big = srv["largest"]
+    rows.append(f"| largest default input {big['input'][0]}x{big['input'][1]} x4, one request | {big['ms']:.0f} ms | | |")
+    cs = report["call_styles"]
+    rows.append(f"| same forward, Serve sync vs async method (GPU ms) | {cs['serve_sync_ms']:.1f} | "
+                f"{cs['serve_async_ms']:.1f} | {cs['sync_over_async']:.2f}x |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()

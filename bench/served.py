@@ -1,0 +1,203 @@
+"""The served graph over HTTP, as users call it: a raw image in, a PNG out.
+
+Deploys serve_config.yaml with the `serve` command line (one Real-ESRGAN and one GFPGAN model,
+one GPU replica each at 0.5 GPU, CPU replicas as set below) and measures, per path:
+- closed loop at several concurrency levels: throughput, p50/p95/p99 latency, and from the GPU
+  replica where a request's time went (queued, served, bare forward);
+- open loop (Poisson arrivals) at 70% of the best throughput: p50/p99 against the unloaded p50;
+- the largest input the service accepts by default (2048x2048 at x4), under the memory cap of a
+  24 GB card shared half and half;
+- each GPU replica's peak memory against its cap.
+The face path uses the one-face photo; the detector runs for real and answers with that face
+(``FixedFaceDeployment``), since random detector weights would find none.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import ray
+import torch
+import yaml
+from ray import serve
+
+from bench.common import ASTRONAUT_FACE, percentiles, photo, png
+from serve_app.config import AppArgs
+from serve_app.deployments.faces import FaceDeployment
+from serve_app.deployments.ingress import Ingress
+from serve_app.deployments.preprocess import PreprocessDeployment
+from serve_app.deployments.upscaler import UpscalerDeployment
+
+ROOT = Path(__file__).resolve().parent.parent
+URL = "http://127.0.0.1:8000"
+EMULATED_CARD_GIB = 24  # the memory cap emulates this card, shared half and half
+
+
+@serve.deployment
+class FixedFaceDeployment(FaceDeployment.func_or_class):
+    """The face deployment, its detector answering with the photo's known face after running."""
+
+    def _load(self, name):
+        engine = super()._load(name)
+        detect = engine.detector
+
+        def detector(bgr):
+            detect(bgr)
+            return ASTRONAUT_FACE.copy()
+
+        engine.detector = detector
+        return engine
+
+
+def build_bench_app(args: dict):
+    """serve_app.app.build_app with the fixed-face deployment under the face deployment's name."""
+    args = AppArgs.model_validate(args)
+    upscaler = UpscalerDeployment.bind(args)
+    faces = FixedFaceDeployment.options(name="FaceDeployment").bind(args)
+    return Ingress.bind(args, PreprocessDeployment.bind(args, upscaler, faces), upscaler, faces)
+
+
+def _config(folder: Path, cache: Path, tile: int, batch: int, cpu_replicas: int, memory_fraction: float | None,
+            compile_mode: str) -> dict:
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    app = config["applications"][0]
+    app["import_path"] = "bench.served:build_bench_app"
+    app["logging_config"]["log_level"] = "WARNING"
+    app["args"].update(upscalers=["RealESRGAN_x4plus"], face_models=["GFPGANv1.4"])
+    app["args"]["weights"] = {"folder": str(folder), "cache_dir": str(cache), "download": False}
+    for d in app["deployments"]:
+        d["user_config"]["tile"].update(size=tile, batch_size=batch)
+        d["user_config"]["gpu_memory_fraction"] = memory_fraction
+        d["user_config"]["compile"] = compile_mode
+        d.pop("autoscaling_config", None)  # fixed replicas: the figures are per GPU
+        d["num_replicas"] = cpu_replicas if d["name"] == "PreprocessDeployment" else 1
+        d["max_queued_requests"] = -1
+        if d["name"] == "PreprocessDeployment":
+            d["ray_actor_options"]["num_cpus"] = min(1.0, (os.cpu_count() or 2) / (cpu_replicas + 2))
+    return config
+
+
+def deploy(config: dict, tmp: Path) -> None:
+    path = tmp / "bench_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    serve_cli = [shutil.which("serve")] if shutil.which("serve") else [
+        sys.executable, "-c", "from ray.serve.scripts import cli; cli()"]
+    subprocess.run([*serve_cli, "deploy", str(path), "--address", "http://127.0.0.1:8265"], check=True)
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        app = serve.status().applications.get("restore")
+        if app is not None and app.status == "RUNNING":
+            return
+        if app is not None and app.status == "DEPLOY_FAILED":
+            raise RuntimeError(app.message)
+        time.sleep(2)
+    raise TimeoutError("the benchmark application did not start in 15 minutes")
+
+
+async def _post(http: httpx.AsyncClient, body: bytes, params: dict, latencies: list) -> None:
+    start = time.perf_counter()
+    r = await http.post("/v1/restore", content=body, params=params)
+    r.raise_for_status()
+    latencies.append((time.perf_counter() - start) * 1e3)
+
+
+async def closed_loop(body: bytes, params: dict, concurrency: int, seconds: float) -> dict:
+    latencies: list[float] = []
+    async with httpx.AsyncClient(base_url=URL, timeout=600, limits=httpx.Limits(max_connections=None)) as http:
+        start = time.perf_counter()
+
+        async def worker():
+            while time.perf_counter() - start < seconds:
+                await _post(http, body, params, latencies)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return {"concurrency": concurrency, "requests": len(latencies), "images_per_s": len(latencies) / wall,
+            **percentiles(latencies)}
+
+
+async def open_loop(body: bytes, params: dict, rate: float, seconds: float) -> dict:
+    """Requests arriving at ``rate`` per second (Poisson), whatever the answers' pace."""
+    latencies: list[float] = []
+    rng = random.Random(0)
+    async with httpx.AsyncClient(base_url=URL, timeout=600, limits=httpx.Limits(max_connections=None)) as http:
+        tasks, start, due = [], time.perf_counter(), 0.0
+        while due < seconds:
+            await asyncio.sleep(max(0.0, start + due - time.perf_counter()))
+            tasks.append(asyncio.create_task(_post(http, body, params, latencies)))
+            due += rng.expovariate(rate)
+        await asyncio.gather(*tasks)
+    return {"offered_per_s": rate, "requests": len(latencies), **percentiles(latencies)}
+
+
+def _gpu_stats() -> dict:
+    return {name: serve.get_deployment_handle(name, "restore").stats.remote().result()
+            for name in ("UpscalerDeployment", "FaceDeployment")}
+
+
+def _path(name: str, body: bytes, params: dict, levels: list[int], seconds: float) -> dict:
+    upscaler = serve.get_deployment_handle("UpscalerDeployment", "restore")
+    asyncio.run(closed_loop(body, params, 2, 2))  # warm-up: first batches, every CPU replica
+    results = []
+    for concurrency in levels:
+        upscaler.reset_stats.remote().result()
+        level = asyncio.run(closed_loop(body, params, concurrency, seconds))
+        stats = upscaler.stats.remote().result()
+        level["upscaler_replica"] = {"times": stats["times"], "batch_sizes": stats["batch_sizes"]}
+        results.append(level)
+    best = max(r["images_per_s"] for r in results)
+    loaded = asyncio.run(open_loop(body, params, 0.7 * best, 2 * seconds))
+    unloaded = results[0]["p50_ms"]
+    loaded["p99_over_unloaded_p50"] = loaded["p99_ms"] / unloaded
+    return {"path": name, "params": params, "closed_loop": results, "best_images_per_s": best,
+            "open_loop_at_70_percent": loaded}
+
+
+def start_ray() -> None:
+    """A local Ray instance with its dashboard (a logical GPU when there is none)."""
+    # Ray's workers inherit this, so the controller can import bench.served:build_bench_app.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    ray.init(num_gpus=None if torch.cuda.is_available() else 1, include_dashboard=True,
+             dashboard_host="127.0.0.1")
+    time.sleep(5)  # the dashboard's REST API, which `serve deploy` talks to
+
+
+def run(folder: Path, cache: Path, *, tile: int, batch: int, sizes: dict, levels: list[int], seconds: float,
+        compile_mode: str) -> dict:
+    """Deploy and measure (inside ``start_ray()``'s instance); the application is deleted after."""
+    cuda = torch.cuda.is_available()
+    cpu_replicas = max(2, (os.cpu_count() or 2) - 4)
+    fraction = None
+    if cuda:  # cap each GPU replica at half of a 24 GB card
+        fraction = min(1.0, EMULATED_CARD_GIB / 2 * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    started = time.perf_counter()
+    deploy(_config(folder, cache, tile, batch, cpu_replicas, fraction, compile_mode), folder)
+    report = {"settings": {"cpu_replicas": cpu_replicas, "gpu_memory_fraction": fraction,
+                           "emulated_card_gib": EMULATED_CARD_GIB if cuda else None,
+                           "deploy_s": time.perf_counter() - started, "tile": tile, "batch": batch,
+                           "seconds_per_level": seconds}}
+    up_img, face_img = photo(sizes["upscale"]), photo()
+    report["upscale"] = _path("upscale", png(up_img), {"model": "RealESRGAN_x4plus", "format": "png"},
+                              levels, seconds)
+    report["faces"] = _path("faces", png(face_img), {"model": "none", "face_enhance": "true", "scale": 2,
+                                                      "format": "png"}, levels, seconds)
+    big = photo(sizes["largest"])
+    latencies: list[float] = []
+    asyncio.run(_one(png(big), latencies))
+    report["largest"] = {"input": list(big.shape[:2]), "scale": 4, "ms": latencies[0]}
+    report["gpu_replicas"] = {name: {"device": s["device"], "gpu_memory": s["gpu_memory"]}
+                              for name, s in _gpu_stats().items()}
+    serve.delete("restore")
+    return report
+
+
+async def _one(body: bytes, latencies: list) -> None:
+    async with httpx.AsyncClient(base_url=URL, timeout=600) as http:
+        await _post(http, body, {"model": "RealESRGAN_x4plus", "format": "png"}, latencies)
