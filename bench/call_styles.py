@@ -91,7 +91,6 @@ def run(tile: int, batch: int, repeats: int) -> dict:
         "one_thread_ms": _median(lambda: one_thread.submit(forward).result(), repeats),
         "new_thread_each_call_ms": _median(on_a_new_thread, repeats),
     }
-    del forward
     sync = serve.run(SyncStyle.bind(tile, batch), name="call-sync", route_prefix=None)
     result["serve_sync_ms"] = _median(lambda: sync.run.remote().result(), repeats)
     asynchronous = serve.run(AsyncStyle.bind(tile, batch), name="call-async", route_prefix=None)

@@ -114,7 +114,6 @@ def upscaler_stage(store, name: str, device: str, tile: int, batch: int, repeats
             torch.cuda.reset_peak_memory_stats()
             engine.forward(tiles)
             results[key]["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        del engine
     results["psnr_vs_fp32_eager_db"] = {k: psnr(v, outputs["fp32-eager"]) for k, v in outputs.items()
                                         if k != "fp32-eager"}
     return results

@@ -14,6 +14,7 @@ The face path uses the one-face photo; the detector runs for real and answers wi
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import random
 import shutil
@@ -64,8 +65,10 @@ def build_bench_app(args: dict):
     return Ingress.bind(args, PreprocessDeployment.bind(args, upscaler, faces), upscaler, faces)
 
 
-def _config(folder: Path, cache: Path, tile: int, batch: int, cpu_replicas: int, memory_fraction: float | None,
+def _config(folder: Path, cache: Path, tile: int, batch: int, cpu_replicas: int, card_fraction: float | None,
             compile_mode: str) -> dict:
+    """serve_config.yaml with fixed replica counts; each GPU replica's memory capped at its share
+    of the emulated card (``card_fraction``: that card's memory over this one's)."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     app = config["applications"][0]
     app["import_path"] = "bench.served:build_bench_app"
@@ -73,11 +76,14 @@ def _config(folder: Path, cache: Path, tile: int, batch: int, cpu_replicas: int,
     app["args"].update(upscalers=["RealESRGAN_x4plus"], face_models=["GFPGANv1.4"])
     app["args"]["weights"] = {"folder": str(folder), "cache_dir": str(cache), "download": False}
     for d in app["deployments"]:
+        d["user_config"] = copy.deepcopy(d["user_config"])  # one YAML anchor: one shared dict
         d["user_config"]["tile"].update(size=tile, batch_size=batch)
-        d["user_config"]["gpu_memory_fraction"] = memory_fraction
         d["user_config"]["compile"] = compile_mode
+        gpus = d["ray_actor_options"]["num_gpus"]
+        d["user_config"]["gpu_memory_fraction"] = gpus * card_fraction if card_fraction and gpus else None
+        d["num_replicas"] = cpu_replicas if d["name"] == "PreprocessDeployment" else (
+            d.get("autoscaling_config", {}).get("min_replicas", 1))
         d.pop("autoscaling_config", None)  # fixed replicas: the figures are per GPU
-        d["num_replicas"] = cpu_replicas if d["name"] == "PreprocessDeployment" else 1
         d["max_queued_requests"] = -1
         if d["name"] == "PreprocessDeployment":
             d["ray_actor_options"]["num_cpus"] = min(1.0, (os.cpu_count() or 2) / (cpu_replicas + 2))
@@ -175,11 +181,11 @@ def run(folder: Path, cache: Path, *, tile: int, batch: int, sizes: dict, levels
     cuda = torch.cuda.is_available()
     cpu_replicas = max(2, (os.cpu_count() or 2) - 4)
     fraction = None
-    if cuda:  # cap each GPU replica at half of a 24 GB card
-        fraction = min(1.0, EMULATED_CARD_GIB / 2 * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    if cuda:  # GPU replicas capped at their share of a 24 GB card
+        fraction = min(1.0, EMULATED_CARD_GIB * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     started = time.perf_counter()
     deploy(_config(folder, cache, tile, batch, cpu_replicas, fraction, compile_mode), folder)
-    report = {"settings": {"cpu_replicas": cpu_replicas, "gpu_memory_fraction": fraction,
+    report = {"settings": {"cpu_replicas": cpu_replicas, "emulated_card_fraction": fraction,
                            "emulated_card_gib": EMULATED_CARD_GIB if cuda else None,
                            "deploy_s": time.perf_counter() - started, "tile": tile, "batch": batch,
                            "seconds_per_level": seconds}}

@@ -64,6 +64,7 @@ def _config(weights_dir: Path, cache: Path, runtime: dict) -> dict:
     up["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
                                 "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 2,
                                 "metrics_interval_s": 0.5}
+    deployments["FaceDeployment"]["autoscaling_config"]["min_replicas"] = 1  # two cores here
     return config
 
 
@@ -150,9 +151,13 @@ def test_serve_config_validates_with_rays_own_schema():
     schema = ServeDeploySchema.model_validate(config)
     deployments = {d.name: d for d in schema.applications[0].deployments}
     assert set(deployments) == {"Ingress", "PreprocessDeployment", "UpscalerDeployment", "FaceDeployment"}
+    up, faces = deployments["UpscalerDeployment"], deployments["FaceDeployment"]
+    # at their minimum, one upscaler and the face replicas fill one GPU
+    assert up.ray_actor_options.num_gpus + faces.ray_actor_options.num_gpus * faces.autoscaling_config[
+        "min_replicas"] == 1
     for name in ("UpscalerDeployment", "FaceDeployment"):
         d = deployments[name]
-        assert d.ray_actor_options.num_gpus == 0.5 and d.ray_actor_options.num_cpus > 0
+        assert d.ray_actor_options.num_gpus > 0 and d.ray_actor_options.num_cpus > 0
         batch = d.user_config["tile"]["batch_size"] if name == "UpscalerDeployment" else d.user_config["face_batch_size"]
         assert d.max_ongoing_requests >= batch  # otherwise batches never fill
         assert d.autoscaling_config["max_replicas"] > d.autoscaling_config["min_replicas"]
@@ -164,7 +169,7 @@ def test_gpu_deployments_share_the_logical_gpu(client):
     health = client.get("/healthz")
     assert health.status_code == 503 and "RealESRNet_x4plus" in health.json()["models"]  # offered, no file
     assert ray.cluster_resources()["GPU"] == 1
-    assert ray.available_resources().get("GPU", 0) == pytest.approx(0.25)  # 0.25 upscaler + 0.5 faces held
+    assert ray.available_resources().get("GPU", 0) == pytest.approx(0.5)  # 0.25 upscaler + 0.25 faces held
 
 
 def test_raw_multipart_and_json_bodies(client, small_photo):

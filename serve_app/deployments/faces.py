@@ -12,6 +12,7 @@ import numpy as np
 from ray import serve
 
 from serve_app.config import AppArgs, RuntimeConfig
+from serve_app.deployments.batching import DeviceBatcher
 from serve_app.deployments.gpu import cap_gpu_memory, gpu_memory
 from serve_app.deployments.models import EngineCache
 from serve_app.deployments.threads import Workers
@@ -30,6 +31,7 @@ class FaceDeployment:
         self.runtime = RuntimeConfig()
         self.engines = EngineCache(self._load)
         self.batch_sizes: Counter[int] = Counter()
+        self.batcher = DeviceBatcher(self._restore_batch, self.runtime.face_batch_size, self.runtime.face_batch_wait_s)
         self.workers = Workers()
         self.device = resolve_device(args.device)
         self.memory_fraction = cap_gpu_memory(self.device, self.runtime.gpu_memory_fraction)
@@ -46,8 +48,7 @@ class FaceDeployment:
                                                                    self.runtime.limits.max_faces)
         self.runtime = runtime
         self.memory_fraction = cap_gpu_memory(self.device, runtime.gpu_memory_fraction)
-        self._restore_batch.set_max_batch_size(runtime.face_batch_size)
-        self._restore_batch.set_batch_wait_timeout_s(runtime.face_batch_wait_s)
+        self.batcher.max_batch_size, self.batcher.wait_s = runtime.face_batch_size, runtime.face_batch_wait_s
         if reload:
             self.engines.clear()
             self.engines.preload([(name,) for name in self.args.face_models])
@@ -60,11 +61,10 @@ class FaceDeployment:
             raise InvalidOption(f"face_model must be one of {', '.join(self.args.face_models)}")
         engine = self.engines.get(face_model)
         found = await self.workers.device(engine.find, work, only_center_face=only_center_face, aligned=aligned)
-        restored = list(await asyncio.gather(*(self._restore_batch((engine, strength, c)) for c in found.crops)))
+        restored = list(await asyncio.gather(*(self.batcher.submit((engine, strength, c)) for c in found.crops)))
         parsings = [] if aligned else await self.workers.device(engine.parse, restored)
         return found, restored, parsings
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _restore_batch(self, items: list[tuple[FaceEngine, float, np.ndarray]]) -> list[np.ndarray]:
         """One GFPGAN pass per model and strength over the faces of every waiting request."""
         self.batch_sizes[len(items)] += 1

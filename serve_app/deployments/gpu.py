@@ -20,7 +20,8 @@ def cap_gpu_memory(device: torch.device, fraction: float | None) -> float | None
         return None
     share = fraction or ray.get_runtime_context().get_assigned_resources().get("GPU") or 1.0
     share = min(float(share), 1.0)
-    torch.cuda.set_per_process_memory_fraction(share, device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(share, index)
     return share
 
 

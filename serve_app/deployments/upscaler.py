@@ -16,6 +16,7 @@ import ray
 from ray import serve
 
 from serve_app.config import AppArgs, RuntimeConfig
+from serve_app.deployments.batching import DeviceBatcher
 from serve_app.deployments.gpu import RequestTime, RequestTimes, cap_gpu_memory, gpu_memory
 from serve_app.deployments.models import EngineCache
 from serve_app.deployments.threads import Workers
@@ -35,6 +36,8 @@ class UpscalerDeployment:
         self.engines = EngineCache(self._load)
         self.batch_sizes: Counter[int] = Counter()
         self.times = RequestTimes()
+        self.batcher = DeviceBatcher(self._forward_batch, self.runtime.tile.batch_size,
+                                     self.runtime.upscaler_batch_wait_s)
         self.workers = Workers()
         self.device = resolve_device(args.device)
         self.memory_fraction = cap_gpu_memory(self.device, self.runtime.gpu_memory_fraction)
@@ -50,8 +53,7 @@ class UpscalerDeployment:
             self.runtime.tile, self.runtime.precision, self.runtime.compile)
         self.runtime = runtime
         self.memory_fraction = cap_gpu_memory(self.device, runtime.gpu_memory_fraction)
-        self._forward_batch.set_max_batch_size(runtime.tile.batch_size)
-        self._forward_batch.set_batch_wait_timeout_s(runtime.upscaler_batch_wait_s)
+        self.batcher.max_batch_size, self.batcher.wait_s = runtime.tile.batch_size, runtime.upscaler_batch_wait_s
         if reload:  # engines hold their tile shape, number format and compiled kernels
             self.engines.clear()
             self.engines.preload([(name, None) for name in self.args.upscalers])
@@ -63,7 +65,7 @@ class UpscalerDeployment:
         if model not in self.args.upscalers:
             raise InvalidOption(f"model must be one of {', '.join(self.args.upscalers)} or none, not {model!r}")
         engine = self.engines.get(model, _networks_denoise(model, denoise))
-        done = await asyncio.gather(*(self._forward_batch((engine, x)) for x in tiles))
+        done = await asyncio.gather(*(self.batcher.submit((engine, x)) for x in tiles))
         batches = {batch: (started, bare) for _, batch, started, bare in done}
         first_start = min(started for started, _ in batches.values())
         self.times.add(RequestTime(queued_ms=(first_start - entered) * 1e3,
@@ -71,7 +73,6 @@ class UpscalerDeployment:
                                    bare_ms=sum(bare for _, bare in batches.values())))
         return np.stack([y for y, *_ in done])
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _forward_batch(self, items: list[tuple[Upscaler, np.ndarray]]) -> list[tuple]:
         """One forward pass per engine and shape over the tiles of every waiting request.
 

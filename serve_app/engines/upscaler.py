@@ -140,8 +140,12 @@ class TilePlanner:
     def _assemble(self, plane: _Plane, outputs: list[np.ndarray]) -> np.ndarray:
         """The plane's H*s x W*s x 3 BGR float image from its network outputs."""
         s = self.scale
-        # Outputs may be float16 (from CUDA): the arithmetic below is float32.
-        full = outputs[0].astype(np.float32) if plane.plan is None else stitch(np.stack(outputs), plane.plan, s)
+        # Outputs may be float16 (from CUDA): the arithmetic below is float32. A lone tile has
+        # nothing to blend with, so it skips the stitching.
+        if len(outputs) == 1:
+            full = outputs[0].astype(np.float32)
+        else:
+            full = stitch(np.stack(outputs), plane.plan, s)
         rgb = full[:, : plane.height * s, : plane.width * s]
         return np.ascontiguousarray(rgb[::-1].transpose(1, 2, 0))
 

@@ -1,0 +1,76 @@
+"""Batches for a device that does one batch at a time, formed when the device is free.
+
+Why not ``@serve.batch``: in Ray 2.60 it forms a batch as soon as the first item's wait
+(``batch_wait_timeout_s``) ends and queues that batch behind the one running. Under load each
+batch then holds the few items that arrived in one short wait: on an H200 the upscaler ran
+batches of one tile at 16 concurrent requests, at half its throughput, while requests waited
+250 ms in the replica. Here the next batch is formed only when the previous one is done, so it
+takes everything that queued meanwhile (up to ``max_batch_size``); a lone item still waits at
+most ``wait_s`` for company.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Awaitable, Callable, Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class DeviceBatcher(Generic[T, R]):
+    def __init__(self, run_batch: Callable[[list[T]], Awaitable[list[R]]], max_batch_size: int, wait_s: float):
+        self._run_batch = run_batch
+        self.max_batch_size, self.wait_s = max_batch_size, wait_s
+        self._waiting: deque[tuple[T, asyncio.Future]] = deque()
+        self._arrived = asyncio.Event()
+        self._worker: asyncio.Task | None = None
+
+    async def submit(self, item: T) -> R:
+        """The result for ``item``, computed in a batch with whatever else is waiting."""
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._serve())
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        self._arrived.set()
+        return await future
+
+    async def _serve(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            batch = [(item, future) for item, future in batch if not future.cancelled()]
+            if not batch:
+                continue
+            try:
+                results = await self._run_batch([item for item, _ in batch])
+            except Exception as exc:  # noqa: BLE001  every caller of the batch gets the error
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)
+
+    async def _next_batch(self) -> list[tuple[T, asyncio.Future]]:
+        await self._wait_for_arrival(None)
+        batch = [self._waiting.popleft()]
+        deadline = asyncio.get_running_loop().time() + self.wait_s
+        while len(batch) < self.max_batch_size:
+            if self._waiting:
+                batch.append(self._waiting.popleft())
+            elif not await self._wait_for_arrival(deadline - asyncio.get_running_loop().time()):
+                break
+        return batch
+
+    async def _wait_for_arrival(self, timeout: float | None) -> bool:
+        """Whether an item is waiting, after at most ``timeout`` seconds (None: forever)."""
+        while not self._waiting:
+            if timeout is not None and timeout <= 0:
+                return False
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), timeout)
+            except asyncio.TimeoutError:
+                return bool(self._waiting)
+        return True
