@@ -46,12 +46,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="where to write the JSON report too")
     parser.add_argument("--seconds", type=float, help="seconds per load level (default 8 on CUDA)")
+    parser.add_argument("--levels", type=int, nargs="+", help="concurrency levels (default 1 4 8 16 32 64 on CUDA)")
     parser.add_argument("--cache-dir", type=Path, default=WeightsConfig().resolved_cache_dir(),
                         help="weights and compiled kernels (default: the service's cache)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     s = settings(cuda, args.seconds)
+    s["levels"] = args.levels or s["levels"]
     folder = Path(tempfile.mkdtemp())
     used = weights_in_use(folder, args.cache_dir, [UPSCALER, FACE_MODEL, "retinaface_resnet50", "parsenet"])
     store = WeightsStore(WeightsConfig(folder=folder, cache_dir=args.cache_dir, download=False))
@@ -65,21 +67,27 @@ def main() -> None:
         "engines": engines.run(store, upscaler=UPSCALER, face_model=FACE_MODEL, device=device, tile=s["tile"],
                                batch=s["batch"], repeats=s["repeats"], compile_too=s["compile"] == "on"),
     }
+    _save(report, args.out)  # each section as it ends: a run cut short keeps what it measured
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     served.start_ray()
     report["call_styles"] = call_styles.run(s["tile"], 4 if cuda else 1, s["repeats"])
-    report["served"] = served.run(folder, args.cache_dir, tile=s["tile"], batch=s["batch"], sizes=s["sizes"],
-                                  levels=s["levels"], seconds=s["seconds"], compile_mode=s["compile"])
+    _save(report, args.out)
+    served.run(report.setdefault("served", {}), folder, args.cache_dir, tile=s["tile"], batch=s["batch"],
+               sizes=s["sizes"], levels=s["levels"], seconds=s["seconds"], compile_mode=s["compile"],
+               save=lambda: _save(report, args.out))
     ray.shutdown()
     report["wall_s"] = time.perf_counter() - started
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    _save(report, args.out)
+    print(json.dumps(report, indent=2))
     print(table(report), file=sys.stderr)
+
+
+def _save(report: dict, out: Path | None) -> None:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def table(report: dict) -> str:

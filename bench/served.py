@@ -175,9 +175,10 @@ def start_ray() -> None:
     time.sleep(5)  # the dashboard's REST API, which `serve deploy` talks to
 
 
-def run(folder: Path, cache: Path, *, tile: int, batch: int, sizes: dict, levels: list[int], seconds: float,
-        compile_mode: str) -> dict:
-    """Deploy and measure (inside ``start_ray()``'s instance); the application is deleted after."""
+def run(report: dict, folder: Path, cache: Path, *, tile: int, batch: int, sizes: dict, levels: list[int],
+        seconds: float, compile_mode: str, save=lambda: None) -> dict:
+    """Deploy and measure into ``report`` (inside ``start_ray()``'s instance), calling ``save``
+    after each part; the application is deleted after."""
     cuda = torch.cuda.is_available()
     cpu_replicas = max(2, (os.cpu_count() or 2) - 4)
     fraction = None
@@ -185,15 +186,17 @@ def run(folder: Path, cache: Path, *, tile: int, batch: int, sizes: dict, levels
         fraction = min(1.0, EMULATED_CARD_GIB * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     started = time.perf_counter()
     deploy(_config(folder, cache, tile, batch, cpu_replicas, fraction, compile_mode), folder)
-    report = {"settings": {"cpu_replicas": cpu_replicas, "emulated_card_fraction": fraction,
+    report["settings"] = {"cpu_replicas": cpu_replicas, "emulated_card_fraction": fraction,
                            "emulated_card_gib": EMULATED_CARD_GIB if cuda else None,
                            "deploy_s": time.perf_counter() - started, "tile": tile, "batch": batch,
-                           "seconds_per_level": seconds}}
+                           "seconds_per_level": seconds}
     up_img, face_img = photo(sizes["upscale"]), photo()
     report["upscale"] = _path("upscale", png(up_img), {"model": "RealESRGAN_x4plus", "format": "png"},
                               levels, seconds)
+    save()
     report["faces"] = _path("faces", png(face_img), {"model": "none", "face_enhance": "true", "scale": 2,
                                                       "format": "png"}, levels, seconds)
+    save()
     big = photo(sizes["largest"])
     latencies: list[float] = []
     asyncio.run(_one(png(big), latencies))
