@@ -1,0 +1,76 @@
+"""DeviceBatcher: batches form while the device is busy; errors and cancellations stay contained."""
+import asyncio
+
+import pytest
+import torch
+
+from serve_app.deployments.batching import DeviceBatcher
+from serve_app.deployments.gpu import RequestTime, RequestTimes, cap_gpu_memory, gpu_memory
+
+
+def _device(sizes, seconds=0.05, fail_on=None):
+    async def run(items):
+        sizes.append(len(items))
+        await asyncio.sleep(seconds)  # the forward pass; the event loop stays free meanwhile
+        if fail_on is not None and fail_on in items:
+            raise ValueError("bad tile")
+        return [item * 10 for item in items]
+    return run
+
+
+def test_items_arriving_during_a_batch_form_the_next_full_batch():
+    sizes = []
+
+    async def main():
+        batcher = DeviceBatcher(_device(sizes), max_batch_size=4, wait_s=0.005)
+        first = asyncio.ensure_future(batcher.submit(0))
+        await asyncio.sleep(0.02)  # the first batch (one item) is on the device now
+        rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 10)]
+        return await asyncio.gather(first, *rest)
+
+    assert asyncio.run(main()) == [i * 10 for i in range(10)]
+    # @serve.batch (Ray 2.60) would have formed the later ones 5 ms apart: batches of one.
+    assert sizes == [1, 4, 4, 1]
+
+
+def test_a_lone_item_waits_at_most_the_wait():
+    sizes = []
+
+    async def main():
+        batcher = DeviceBatcher(_device(sizes, seconds=0), max_batch_size=8, wait_s=0.01)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        result = await batcher.submit(3)
+        return result, loop.time() - start
+
+    result, elapsed = asyncio.run(main())
+    assert result == 30 and sizes == [1] and elapsed < 1.0  # bounded by wait_s, not by a full batch
+
+
+def test_a_failing_batch_fails_its_callers_only_and_cancelled_callers_are_skipped():
+    sizes = []
+
+    async def main():
+        batcher = DeviceBatcher(_device(sizes, fail_on=2), max_batch_size=2, wait_s=0.005)
+        failing = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2)]
+        results = await asyncio.gather(*failing, return_exceptions=True)
+        cancelled = asyncio.ensure_future(batcher.submit(5))
+        kept = asyncio.ensure_future(batcher.submit(6))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        return results, await kept
+
+    (errors, kept) = asyncio.run(main())
+    assert all(isinstance(e, ValueError) for e in errors) and kept == 60
+    assert sizes == [2, 1]  # the cancelled item never reached the device
+
+
+def test_request_times_and_memory_helpers_off_cuda():
+    times = RequestTimes(window=3)
+    assert times.summary() == {"requests": 0}
+    for served in (11.0, 12.0, 13.0, 50.0):  # the window keeps the last three
+        times.add(RequestTime(queued_ms=1.0, served_ms=served, bare_ms=10.0))
+    summary = times.summary()
+    assert summary["requests"] == 3 and summary["served_ms_p50"] == 13.0
+    assert summary["served_over_bare"] == pytest.approx((12 + 13 + 50) / 30)
+    assert cap_gpu_memory(torch.device("cpu"), 0.5) is None and gpu_memory(torch.device("cpu"), None) == {}
