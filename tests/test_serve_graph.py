@@ -312,6 +312,81 @@ def test_upscaler_autoscales_under_load_and_back(deployed, astronaut_bgr):
     print(f"autoscaling: 1 -> 2 replicas after {up_after:.1f} s of load, back to 1 {down_after:.1f} s after it")
 
 
+class _NodeAutoscaler(threading.Thread):
+    """What Ray's autoscaler does for cluster.yaml's GPU node type, on the local cluster: add a
+    GPU node while Serve has replicas waiting for resources; remove a node it added once no
+    actor has lived on it for ``idle_s`` (idle_timeout_minutes, shortened)."""
+
+    def __init__(self, cluster: Cluster, deployment: str, idle_s: float = 3.0):
+        super().__init__(daemon=True)
+        self.cluster, self.deployment, self.idle_s = cluster, deployment, idle_s
+        self.events: list[tuple[str, float]] = []
+        self.node = None
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        from ray.util.state import list_actors
+
+        idle_since = None
+        while not self._stop.wait(0.5):
+            states = serve.status().applications["restore"].deployments[self.deployment].replica_states
+            if self.node is None and states.get("PENDING_ALLOCATION", 0):
+                self.node = self.cluster.add_node(num_cpus=2, num_gpus=1)
+                self.events.append(("added", time.monotonic()))
+            elif self.node is not None:
+                alive = list_actors(filters=[("node_id", "=", self.node.node_id), ("state", "=", "ALIVE")])
+                idle_since = (idle_since or time.monotonic()) if not alive else None
+                if idle_since and time.monotonic() - idle_since >= self.idle_s:
+                    self.cluster.remove_node(self.node)
+                    self.node = None
+                    self.events.append(("removed", time.monotonic()))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join()
+
+
+def test_a_gpu_node_joins_under_load_and_leaves_once_the_load_is_gone(deployed, astronaut_bgr):
+    # An upscaler replica now takes 0.75 GPU: a second one cannot fit beside the first and the
+    # face replica, so scaling up under load needs a second GPU node.
+    wide = copy.deepcopy(deployed["config"])
+    up = next(d for d in wide["applications"][0]["deployments"] if d["name"] == "UpscalerDeployment")
+    up["ray_actor_options"]["num_gpus"] = 0.75
+    _deploy(wide, deployed["path"])
+    _wait_for(lambda: _running() and _replicas("UpscalerDeployment") == 1, 180, "the wider replica")
+    autoscaler = _NodeAutoscaler(deployed["cluster"], "UpscalerDeployment")
+    autoscaler.start()
+    handle = serve.get_app_handle("restore")
+    img = np.ascontiguousarray(astronaut_bgr[:60, :60])
+    loading = threading.Event()
+    loading.set()
+
+    def client_loop():
+        while loading.is_set():
+            handle.restore.remote(img, model="RealESRGAN_x4plus").result()
+
+    try:
+        load_started = time.monotonic()
+        with ThreadPoolExecutor(6) as pool:
+            clients = [pool.submit(client_loop) for _ in range(6)]
+            try:
+                _wait_for(lambda: _replicas("UpscalerDeployment") == 2, 180, "a replica on a new GPU node")
+            finally:
+                loading.clear()
+            for c in clients:
+                c.result()  # no request of the load failed
+        load_ended = time.monotonic()
+        _wait_for(lambda: [e for e, _ in autoscaler.events] == ["added", "removed"], 180, "the idle node removed")
+    finally:
+        autoscaler.stop()
+        _deploy(deployed["config"], deployed["path"])
+        _wait_for(_running, 180, "the shipped settings back")
+    added, removed = (t for _, t in autoscaler.events)
+    assert _replicas("UpscalerDeployment") >= 1 and len([n for n in ray.nodes() if n["Alive"]]) == 2
+    print(f"GPU node added {added - load_started:.1f} s after the load began; removed "
+          f"{removed - load_ended:.1f} s after it ended (Serve scaled down, then {autoscaler.idle_s:.0f} s idle)")
+
+
 def test_overload_is_a_json_503_and_accepted_requests_complete(deployed, small_photo):
     tight = copy.deepcopy(deployed["config"])  # queue limits change without restarting replicas
     for d in tight["applications"][0]["deployments"]:
