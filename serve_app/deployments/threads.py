@@ -1,11 +1,12 @@
-"""Where a GPU deployment's blocking work runs, so its event loop stays free.
+"""Where a deployment's blocking work runs, so its event loop stays free.
 
-Device work (forward passes) goes to one persistent thread per replica: CUDA libraries keep
-per-thread state (handles, workspaces), and a forward measured 6x slower when Serve moved sync
-methods across its thread pool; one long-lived thread pays that set-up once. CPU work
-(cutting tiles, stitching, pasting faces) goes to a small pool beside it, so it overlaps the
-device. Meanwhile the event loop keeps answering health checks and queue probes and collects
-the next batch.
+Device work (forward passes) goes to one persistent thread per GPU replica: CUDA libraries keep
+per-thread state (handles, workspaces), and the same forward measured 5.6x slower on a new
+thread per call and 1.3x slower in Serve's sync-method thread pool (bench/call_styles.py); one
+long-lived thread pays that set-up once. CPU work (decoding, tiles, stitching, pasting faces,
+encoding: the CPU deployment's) goes to a small pool; OpenCV and numpy release the GIL, so
+its threads overlap. Meanwhile the event loop keeps answering health checks and queue probes
+and gathers the next batch.
 """
 from __future__ import annotations
 
