@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -60,7 +61,7 @@ def main() -> None:
     started = time.perf_counter()
     report = {
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-        "cpus": __import__("os").cpu_count(),
+        "cpus": os.cpu_count(),
         "versions": {"torch": torch.__version__, "ray": ray.__version__, "serve_app": serve_app.__version__,
                      "python": platform.python_version()},
         "settings": {**s, "weights": used},

@@ -58,7 +58,8 @@ class UpscalerDeployment:
             self.engines.clear()
             self.engines.preload([(name, None) for name in self.args.upscalers])
 
-    # async: Serve runs sync methods in a thread pool, where the same CUDA forward ran 6x slower.
+    # async, forwards on the device thread: in Serve's sync-method pool the same forward took
+    # 1.3x the GPU time, on a new thread per call 5.6x (bench/call_styles.py, H100).
     async def forward(self, model: str, denoise: float | None, tiles: np.ndarray) -> np.ndarray:
         """N x 3 x h x w network inputs of one request -> its N outputs (see ``Upscaler.forward``)."""
         entered = time.perf_counter()
@@ -66,17 +67,17 @@ class UpscalerDeployment:
             raise InvalidOption(f"model must be one of {', '.join(self.args.upscalers)} or none, not {model!r}")
         engine = self.engines.get(model, _networks_denoise(model, denoise))
         done = await asyncio.gather(*(self.batcher.submit((engine, x)) for x in tiles))
-        batches = {batch: (started, bare) for _, batch, started, bare in done}
-        first_start = min(started for started, _ in batches.values())
+        bare_by_batch = {batch: bare for _, batch, bare in done}  # batch: (start time, group)
+        first_start = min(started for started, _ in bare_by_batch)
         self.times.add(RequestTime(queued_ms=(first_start - entered) * 1e3,
                                    served_ms=(time.perf_counter() - first_start) * 1e3,
-                                   bare_ms=sum(bare for _, bare in batches.values())))
-        return np.stack([y for y, *_ in done])
+                                   bare_ms=sum(bare_by_batch.values())))
+        return np.stack([y for y, _, _ in done])
 
     async def _forward_batch(self, items: list[tuple[Upscaler, np.ndarray]]) -> list[tuple]:
         """One forward pass per engine and shape over the tiles of every waiting request.
 
-        Each tile comes back with its batch's identity, start time and bare forward time.
+        Each tile comes back with its batch's identity (start time, group) and bare forward time.
         """
         started = time.perf_counter()
         self.batch_sizes[len(items)] += 1
@@ -89,7 +90,7 @@ class UpscalerDeployment:
             outputs, bare_ms = await self.workers.device(engine.forward_timed,
                                                          np.stack([items[i][1] for i in indices]))
             for i, y in zip(indices, outputs):
-                results[i] = (y, (started, key), started, bare_ms)
+                results[i] = (y, (started, key), bare_ms)
         return results
 
     async def stats(self) -> dict:
