@@ -6,7 +6,9 @@ output matches it), with these deliberate differences, each noted where it happe
   16-bit picture into an 8-bit result);
 - ``alpha_upsampler`` is honoured ("realesrgan" or "bicubic"; the official script parses it
   and never passes it on);
-- tiles have one fixed shape, overlap and are blended, and only tiles visit the GPU.
+- tiles have one fixed shape, overlap and are blended, and only tiles visit the GPU;
+- 8-bit colour pictures travel to the device and back as 8-bit, rounded there;
+- RRDBNet's dense blocks run in their concatenation-free form (``dense_blocks``).
 
 The work is split in three steps so a server can batch the middle one across requests:
 ``prepare`` (CPU: image -> fixed-shape network inputs), ``forward`` (device: a batch of
@@ -36,7 +38,9 @@ ALPHA_UPSAMPLERS = ("realesrgan", "bicubic")
 class _Plane:
     """One 3-channel picture (the colours, or the alpha as grey) to pass through the network."""
 
-    inputs: list[np.ndarray]  # C x h x w float32 network inputs: tiles, or the whole padded image
+    # C x h x w network inputs (tiles, or the whole padded image): uint8 for 8-bit colour
+    # pictures, else float32 in [0, 1]
+    inputs: list[np.ndarray]
     plan: TilePlan | None  # None: one whole-image input
     height: int
     width: int
@@ -78,6 +82,11 @@ class TilePlanner:
         if img.dtype not in (np.uint8, np.uint16):
             raise ValueError(f"expected uint8 or uint16 pixels, got {img.dtype}")
         height, width = img.shape[:2]
+        outscale = float(outscale) if outscale is not None else float(self.scale)
+        if img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3:
+            # 8-bit colour travels as 8-bit: a quarter of the bytes of float32 each way, and the
+            # device scales and rounds exactly as upstream does on the CPU (see Upscaler.forward).
+            return UpscaleJob("BGR", img.dtype, height, width, [self._plane(img[:, :, ::-1])], None, outscale)
         max_range = 65535.0 if img.dtype == np.uint16 else 255.0
         pixels = img.astype(np.float32) / max_range
         alpha = None
@@ -91,8 +100,7 @@ class TilePlanner:
         if alpha is not None and alpha_upsampler == "realesrgan":
             planes.append(self._plane(cv2.cvtColor(alpha, cv2.COLOR_GRAY2RGB)))
             alpha = None
-        return UpscaleJob(mode, img.dtype, height, width, planes, alpha,
-                          float(outscale) if outscale is not None else float(self.scale))
+        return UpscaleJob(mode, img.dtype, height, width, planes, alpha, outscale)
 
     def _plane(self, rgb: np.ndarray) -> _Plane:
         chw = np.ascontiguousarray(rgb.transpose(2, 0, 1))
@@ -113,6 +121,8 @@ class TilePlanner:
 
     # ------------------------------------------------------------------ step 3 (CPU)
     def finish(self, job: UpscaleJob, outputs: list[np.ndarray]) -> np.ndarray:
+        if outputs[0].dtype == np.uint8:  # 8-bit colour, rounded on the device
+            return self._resize(job, self._assemble(job.planes[0], outputs))
         planes = []
         for plane in job.planes:
             n = len(plane.inputs)
@@ -130,20 +140,25 @@ class TilePlanner:
             image = cv2.cvtColor(image, cv2.COLOR_BGR2BGRA)
             image[:, :, 3] = alpha
         max_range = 65535.0 if job.dtype == np.uint16 else 255.0
-        result = (image * max_range).round().astype(job.dtype)
-        if job.outscale != float(self.scale):
-            # As upstream: Lanczos from the network's scale to the asked one.
-            size = (int(job.width * job.outscale), int(job.height * job.outscale))
-            result = cv2.resize(result, size, interpolation=cv2.INTER_LANCZOS4)
-        return result
+        return self._resize(job, (image * max_range).round().astype(job.dtype))
+
+    def _resize(self, job: UpscaleJob, result: np.ndarray) -> np.ndarray:
+        if job.outscale == float(self.scale):
+            return result
+        # As upstream: Lanczos from the network's scale to the asked one.
+        size = (int(job.width * job.outscale), int(job.height * job.outscale))
+        return cv2.resize(result, size, interpolation=cv2.INTER_LANCZOS4)
 
     def _assemble(self, plane: _Plane, outputs: list[np.ndarray]) -> np.ndarray:
-        """The plane's H*s x W*s x 3 BGR float image from its network outputs."""
+        """The plane's H*s x W*s x 3 BGR image from its network outputs: uint8 from 8-bit
+        outputs, else float32 in [0, 1]."""
         s = self.scale
-        # Outputs may be float16 (from CUDA): the arithmetic below is float32. A lone tile has
-        # nothing to blend with, so it skips the stitching.
+        # A lone tile has nothing to blend with, so it skips the stitching. Float outputs may be
+        # float16 (from CUDA): the arithmetic is float32.
         if len(outputs) == 1:
-            full = outputs[0].astype(np.float32)
+            full = outputs[0] if outputs[0].dtype == np.uint8 else outputs[0].astype(np.float32)
+        elif outputs[0].dtype == np.uint8:
+            full = stitch(np.stack(outputs), plane.plan, s).round().astype(np.uint8)
         else:
             full = stitch(np.stack(outputs), plane.plan, s)
         rgb = full[:, : plane.height * s, : plane.width * s]
@@ -176,26 +191,35 @@ class Upscaler:
 
     # ------------------------------------------------------------------ step 2 (device)
     def forward(self, batch: np.ndarray) -> np.ndarray:
-        """N x 3 x h x w in [0, 1] -> N x 3 x h*scale x w*scale in [0, 1], in the network's dtype
-        on CUDA (half the copy back of float32) and float32 on the CPU."""
+        """N x 3 x h x w inputs -> N x 3 x h*scale x w*scale outputs.
+
+        uint8 inputs (8-bit colour pictures) give uint8 outputs, scaled and rounded on the
+        device as upstream rounds on the CPU. Float inputs in [0, 1] give outputs in [0, 1], in
+        the network's dtype on CUDA and float32 on the CPU.
+        """
         return self.forward_timed(batch)[0]
 
     @torch.inference_mode()
     def forward_timed(self, batch: np.ndarray) -> tuple[np.ndarray, float]:
         """``forward`` and the milliseconds the network alone took (CUDA events on the GPU), so a
         server can tell its own overhead from the bare forward."""
+        eight_bit = batch.dtype == np.uint8
         x = torch.from_numpy(batch).to(self.device, non_blocking=True)
+        if eight_bit:
+            x = x.float().div_(255)  # as the CPU path: float32 first, then the network's dtype
         x = x.to(dtype=self.dtype, memory_format=self.memory_format)
         with _stopwatch(self.device) as bare:
             y = self.run(x)
-        return y.clamp_(0, 1).contiguous().cpu().numpy(), bare.ms
+        y = y.float().clamp_(0, 1).mul_(255).round_().to(torch.uint8) if eight_bit else y.clamp_(0, 1)
+        return _to_host(y), bare.ms
 
     def forward_all(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        """Forward a list of inputs, batching those of equal shape ``tile.batch_size`` at a time."""
+        """Forward a list of inputs, batching those of equal shape and dtype ``tile.batch_size``
+        at a time."""
         outputs: list[np.ndarray | None] = [None] * len(inputs)
         by_shape: dict[tuple, list[int]] = {}
         for i, x in enumerate(inputs):
-            by_shape.setdefault(x.shape, []).append(i)
+            by_shape.setdefault((x.shape, x.dtype), []).append(i)
         for indices in by_shape.values():
             for start in range(0, len(indices), self.tile.batch_size):
                 chunk = indices[start : start + self.tile.batch_size]
@@ -203,6 +227,22 @@ class Upscaler:
                 for i, y in zip(chunk, result):
                     outputs[i] = y
         return outputs
+
+def _to_host(y: torch.Tensor) -> np.ndarray:
+    """``y`` as a contiguous NCHW array in host memory.
+
+    From CUDA it lands in page-locked memory, drawn from PyTorch's caching host allocator: a
+    fresh pageable array of 8 x 1024 x 1024 outputs took 40 ms to receive on an H100 host,
+    most of it first-touch page faults.
+    """
+    y = y.contiguous()
+    if y.device.type != "cuda":
+        return y.numpy()
+    host = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
+    host.copy_(y, non_blocking=True)
+    torch.cuda.current_stream(y.device).synchronize()
+    return host.numpy()
+
 
 class _stopwatch:
     """Milliseconds of device work in a ``with`` block; read ``ms`` once the results are on the host."""
@@ -243,6 +283,7 @@ def _pre_pad(length: int, pre_pad: int, tile: int) -> int:
 def load_upscaler(name: str, store, engine, *, denoise: float | None = None) -> Upscaler:
     """The registry upscaler ``name`` with its weights, on the device ``engine`` configures."""
     from serve_app.engines.compiled import CompiledNetwork, artifacts_path
+    from serve_app.engines.dense_blocks import split_dense_blocks
     from serve_app.engines.device import resolve_compile, resolve_device, resolve_dtype
     from serve_app.engines.networks import load_network
     from serve_app.weights.registry import get_spec
@@ -252,7 +293,7 @@ def load_upscaler(name: str, store, engine, *, denoise: float | None = None) -> 
         raise ValueError(f"{name} is a {spec.kind} model, not an upscaler")
     device = resolve_device(engine.device)
     dtype = resolve_dtype(engine.precision, device)
-    network = load_network(spec, store, device, dtype, denoise=denoise)
+    network = split_dense_blocks(load_network(spec, store, device, dtype, denoise=denoise))
     upscaler = Upscaler(network, spec.scale, device=device, dtype=dtype, tile=engine.tile)
     # Each denoise value is a network of its own: those run eager rather than compile per value.
     if resolve_compile(engine.compile, device) and denoise is None and engine.tile.size:
