@@ -11,7 +11,7 @@ from realesrgan import RealESRGANer
 from conftest import ASTRONAUT_FACE
 from serve_app.config import EngineConfig, TileConfig
 from serve_app.engines import face_geometry as geo
-from serve_app.engines.faces import load_face_engine
+from serve_app.engines.faces import RetinaFaceDetector, load_face_engine, prior_boxes
 from serve_app.engines.networks import build_network
 from serve_app.engines.upscaler import load_upscaler
 from serve_app.weights import get_spec
@@ -19,10 +19,15 @@ from serve_app.weights import get_spec
 CPU = EngineConfig(device="cpu", tile=TileConfig(size=0))
 
 
+def answering(detections):
+    """A detector that reports ``detections`` for every picture."""
+    return lambda images: [detections] * len(images)
+
+
 @pytest.fixture(scope="module")
 def engine(store):
     face_engine = load_face_engine("GFPGANv1.4", store, CPU, max_faces=2)
-    face_engine.detector = lambda bgr: ASTRONAUT_FACE  # random RetinaFace weights find nothing real
+    face_engine.detector = answering(ASTRONAUT_FACE)  # random RetinaFace weights find nothing real
     return face_engine
 
 
@@ -57,7 +62,7 @@ def reference(weights_dir, tmp_path, monkeypatch):
 
 
 def test_paste_back_matches_gfpganer_on_a_real_photo(engine, reference, photo, face_in_photo):
-    engine.detector = lambda bgr: face_in_photo
+    engine.detector = answering(face_in_photo)
     ours = engine.enhance(photo, upscale=2)
     crops, faces, theirs = reference(face_in_photo).enhance(photo, paste_back=True)
     assert ours.faces_restored == 1 and ours.image.shape == (640, 640, 3)
@@ -67,7 +72,7 @@ def test_paste_back_matches_gfpganer_on_a_real_photo(engine, reference, photo, f
 
 
 def test_background_upsampler_callable_matches_gfpganer(engine, reference, store, weights_dir, photo, face_in_photo):
-    engine.detector = lambda bgr: face_in_photo
+    engine.detector = answering(face_in_photo)
     spec = get_spec("realesr-animevideov3")
     upscaler = load_upscaler(spec.name, store, CPU)
     ours = engine.enhance(photo, upscale=2,
@@ -100,7 +105,7 @@ def test_strength_blends_restored_and_original(engine, astronaut_bgr):
 
 
 def test_grayscale_16bit_and_alpha_keep_their_mode(engine, photo, face_in_photo):
-    engine.detector = lambda bgr: face_in_photo
+    engine.detector = answering(face_in_photo)
     gray = cv2.cvtColor(photo, cv2.COLOR_BGR2GRAY)
     out = engine.enhance(gray, upscale=2, background=lambda img, up: cv2.resize(img, None, fx=up, fy=up))
     assert out.image.shape == (640, 640) and out.faces_restored == 1
@@ -114,7 +119,7 @@ def test_grayscale_16bit_and_alpha_keep_their_mode(engine, photo, face_in_photo)
 def test_face_cap_keeps_the_largest_faces(engine, astronaut_bgr):
     small = ASTRONAUT_FACE.copy()
     small[0, :4] = [400, 400, 420, 420]  # a tiny box, same landmarks: the cap drops it first
-    engine.detector = lambda bgr: np.concatenate([small, ASTRONAUT_FACE, small])
+    engine.detector = answering(np.concatenate([small, ASTRONAUT_FACE, small]))
     found = engine.find(astronaut_bgr)
     assert found.faces_detected == 3 and len(found.crops) == 2  # max_faces=2
     assert geo.largest_indices([r[:4] for r in np.concatenate([small, ASTRONAUT_FACE, small])], 2, 512, 512) == [0, 1]
@@ -122,9 +127,43 @@ def test_face_cap_keeps_the_largest_faces(engine, astronaut_bgr):
 
 def test_real_retinaface_and_restoreformer_run(store, astronaut_bgr):
     engine = load_face_engine("RestoreFormer", store, CPU)
-    detections = engine.detector(astronaut_bgr)  # the real detector path, random weights
+    detections = engine.detector([astronaut_bgr])[0]  # the real detector path, random weights
     assert detections.ndim == 2 and detections.shape[1] in (0, 15)
     _, landmarks = geo.faces_of(ASTRONAUT_FACE)
     crop, _ = geo.align_face(astronaut_bgr, landmarks[0])
     out = engine.enhance(crop, aligned=True)
     assert out.image.shape == (512, 512, 3) and out.image.dtype == np.uint8
+
+
+def _unit_columns(detections, like):
+    """Each column over its largest magnitude in ``like`` (random weights give huge boxes)."""
+    return detections / np.maximum(np.abs(like).max(axis=0), 1e-6)
+
+
+def test_batched_detector_matches_facexlibs_detect_faces(store, astronaut_bgr):
+    network = load_face_engine("GFPGANv1.4", store, CPU).detector.network
+    pictures = [np.ascontiguousarray(astronaut_bgr[:200, :240]), np.ascontiguousarray(astronaut_bgr[90:290, 250:490])]
+    # A threshold in the widest gap between scores, so that rounding cannot move a box across it.
+    with torch.inference_mode():
+        batch = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() - network.mean_tensor
+        scores = np.unique(network(batch)[1][:, :, 1].numpy())
+    near = scores[(scores > 0.9) & (scores < 0.9999)]
+    gap = int(np.argmax(np.diff(near)))
+    threshold = float(near[gap] + near[gap + 1]) / 2
+    with torch.inference_mode():
+        theirs = [network.detect_faces(p, threshold) for p in pictures]
+    ours_alone = [RetinaFaceDetector(network, threshold)([p])[0] for p in pictures]
+    ours_batched = RetinaFaceDetector(network, threshold)(pictures)
+    for expected, alone, batched in zip(theirs, ours_alone, ours_batched):
+        assert len(expected) > 10 and alone.shape == batched.shape == expected.shape
+        np.testing.assert_allclose(_unit_columns(alone, expected), _unit_columns(expected, expected), atol=1e-4)
+        np.testing.assert_allclose(_unit_columns(batched, expected), _unit_columns(expected, expected), atol=1e-4)
+
+
+def test_prior_boxes_equal_facexlibs(store):
+    from facexlib.detection.retinaface_utils import PriorBox
+
+    cfg = load_face_engine("GFPGANv1.4", store, CPU).detector.network.cfg
+    for height, width in [(512, 512), (37, 91), (1080, 1920)]:
+        expected = PriorBox(cfg, image_size=(height, width)).forward().numpy()
+        np.testing.assert_array_equal(prior_boxes(cfg, height, width), expected)
