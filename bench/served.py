@@ -29,7 +29,7 @@ import torch
 import yaml
 from ray import serve
 
-from bench.common import ASTRONAUT_FACE, percentiles, photo, png
+from bench.common import known_face_detector, percentiles, photo, png
 from serve_app.config import AppArgs
 from serve_app.deployments.faces import FaceDeployment
 from serve_app.deployments.ingress import Ingress
@@ -47,13 +47,7 @@ class FixedFaceDeployment(FaceDeployment.func_or_class):
 
     def _load(self, name):
         engine = super()._load(name)
-        detect = engine.detector
-
-        def detector(bgr):
-            detect(bgr)
-            return ASTRONAUT_FACE.copy()
-
-        engine.detector = detector
+        engine.detector = known_face_detector(engine.detector)
         return engine
 
 
@@ -196,6 +190,8 @@ def run(report: dict, folder: Path, cache: Path, *, tile: int, batch: int, sizes
     save()
     report["faces"] = _path("faces", png(face_img), {"model": "none", "face_enhance": "true", "scale": 2,
                                                       "format": "png"}, levels, seconds)
+    # one face replica's batch sizes over the whole faces path, per step
+    report["faces"]["face_replica_batch_sizes"] = _gpu_stats()["FaceDeployment"]["batch_sizes"]
     save()
     big = photo(sizes["largest"])
     latencies: list[float] = []

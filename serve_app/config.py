@@ -87,6 +87,8 @@ class RuntimeConfig(_Strict):
     upscaler_batch_wait_s: float = Field(default=0.005, ge=0, le=1)
     face_batch_size: int = Field(default=8, gt=0)
     face_batch_wait_s: float = Field(default=0.005, ge=0, le=1)
+    face_detect_batch_pixels: int = Field(default=4 * 1024 * 1024, gt=0, description="Pixels the face "
+                                          "detector takes in one pass (bounds its GPU memory with large photos).")
     request_timeout_s: float = Field(default=120.0, gt=0)
     cpu_threads: int = Field(default=2, gt=0, description="Threads per CPU replica for decode, tiles, "
                              "paste-back and encode (OpenCV and numpy release the GIL).")

@@ -1,10 +1,12 @@
 """DeviceBatcher: batches form while the device is busy; errors and cancellations stay contained."""
 import asyncio
 
+import numpy as np
 import pytest
 import torch
 
-from serve_app.deployments.batching import DeviceBatcher
+from serve_app.deployments.batching import DeviceBatcher, group_indices
+from serve_app.deployments.faces import _by_pixels
 from serve_app.deployments.gpu import RequestTime, RequestTimes, cap_gpu_memory, gpu_memory
 
 
@@ -74,3 +76,10 @@ def test_request_times_and_memory_helpers_off_cuda():
     assert summary["requests"] == 3 and summary["served_ms_p50"] == 13.0
     assert summary["served_over_bare"] == pytest.approx((12 + 13 + 50) / 30)
     assert cap_gpu_memory(torch.device("cpu"), 0.5) is None and gpu_memory(torch.device("cpu"), None) == {}
+
+
+def test_groups_keep_order_and_detector_runs_keep_within_their_pixels():
+    assert group_indices(["a1", "b1", "a2", "c1", "b2"], key=lambda s: s[0]) == [[0, 2], [1, 4], [3]]
+    pictures = [np.zeros((h, 100), np.uint8) for h in (10, 20, 30, 50, 5)]
+    # budget 3,000 pixels: 1,000 + 2,000 | 3,000 | 5,000 alone though over | 500
+    assert _by_pixels([7, 8, 9, 10, 11], pictures, 3000) == [[7, 8], [9], [10], [11]]

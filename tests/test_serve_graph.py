@@ -289,6 +289,21 @@ def test_concurrent_requests_share_forward_passes(deployed, astronaut_bgr):
         np.testing.assert_array_equal(result, alone)
 
 
+def test_concurrent_face_requests_share_detector_and_restorer_passes(deployed, astronaut_bgr):
+    handle = serve.get_app_handle("restore")
+    pictures = [np.ascontiguousarray(astronaut_bgr[i * 8 : i * 8 + 192, 160:352]) for i in range(3)]
+    options = {"model": "none", "face_enhance": True, "only_center_face": True}  # a face each: CPU time
+    responses = [handle.restore.remote(p, **options) for p in pictures]
+    together = [r.result() for r in responses]
+    faces = serve.get_deployment_handle("FaceDeployment", "restore")
+    sizes = faces.stats.remote().result()["batch_sizes"]
+    # pictures of different requests in one detector pass, their faces in one GFPGAN pass
+    assert max(map(int, sizes["detect"])) > 1 and max(map(int, sizes["restore"])) > 1, sizes
+    alone = handle.restore.remote(pictures[0], **options).result()  # and the caller got its own back
+    assert together[0].faces == alone.faces == 1 and together[0].pixels.shape == alone.pixels.shape
+    assert np.abs(together[0].pixels.astype(int) - alone.pixels).mean() < 1  # batching's rounding only
+
+
 def test_upscaler_autoscales_under_load_and_back(deployed, astronaut_bgr):
     handle = serve.get_app_handle("restore")
     img = np.ascontiguousarray(astronaut_bgr[:60, :60])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Awaitable, Callable, Generic, TypeVar
+from typing import Awaitable, Callable, Generic, Hashable, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -74,3 +74,11 @@ class DeviceBatcher(Generic[T, R]):
             except asyncio.TimeoutError:
                 return bool(self._waiting)
         return True
+
+
+def group_indices(items: list[T], key: Callable[[T], Hashable]) -> list[list[int]]:
+    """Positions of ``items`` grouped by ``key``: the items one device call can take together."""
+    groups: dict[Hashable, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(key(item), []).append(i)
+    return list(groups.values())

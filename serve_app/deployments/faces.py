@@ -1,6 +1,9 @@
-"""GPU deployment of the face networks: detect, restore (batched across requests), parse.
+"""GPU deployment of the face networks: detect, then restore and parse, each batched across requests.
 
-Pasting the faces back, and the background, are the CPU deployment's work.
+Under load a face replica answers many requests at once, so every network step batches: the
+detector over same-size pictures, GFPGAN and the parser over the faces of every waiting request.
+Aligning the faces is CPU work on this replica's small pool; pasting them back, and the
+background, are the CPU deployment's work.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import numpy as np
 from ray import serve
 
 from serve_app.config import AppArgs, RuntimeConfig
-from serve_app.deployments.batching import DeviceBatcher
+from serve_app.deployments.batching import DeviceBatcher, group_indices
 from serve_app.deployments.gpu import cap_gpu_memory, gpu_memory
 from serve_app.deployments.models import EngineCache
 from serve_app.deployments.threads import Workers
@@ -30,8 +33,10 @@ class FaceDeployment:
         self.args, self.store = args, WeightsStore(args.weights)
         self.runtime = RuntimeConfig()
         self.engines = EngineCache(self._load)
-        self.batch_sizes: Counter[int] = Counter()
-        self.batcher = DeviceBatcher(self._restore_batch, self.runtime.face_batch_size, self.runtime.face_batch_wait_s)
+        self.batch_sizes: dict[str, Counter[int]] = {"detect": Counter(), "restore": Counter()}
+        self.detections = DeviceBatcher(self._detect_batch, self.runtime.face_batch_size,
+                                        self.runtime.face_batch_wait_s)
+        self.faces = DeviceBatcher(self._restore_batch, self.runtime.face_batch_size, self.runtime.face_batch_wait_s)
         self.workers = Workers()
         self.device = resolve_device(args.device)
         self.memory_fraction = cap_gpu_memory(self.device, self.runtime.gpu_memory_fraction)
@@ -48,7 +53,8 @@ class FaceDeployment:
                                                                    self.runtime.limits.max_faces)
         self.runtime = runtime
         self.memory_fraction = cap_gpu_memory(self.device, runtime.gpu_memory_fraction)
-        self.batcher.max_batch_size, self.batcher.wait_s = runtime.face_batch_size, runtime.face_batch_wait_s
+        for batcher in (self.detections, self.faces):
+            batcher.max_batch_size, batcher.wait_s = runtime.face_batch_size, runtime.face_batch_wait_s
         if reload:
             self.engines.clear()
             self.engines.preload([(name,) for name in self.args.face_models])
@@ -59,26 +65,65 @@ class FaceDeployment:
         """An 8-bit BGR picture -> its faces, their restored versions and their parse maps."""
         if face_model not in self.args.face_models:
             raise InvalidOption(f"face_model must be one of {', '.join(self.args.face_models)}")
+        if not 0.0 <= strength <= 1.0:  # here, before it can fail a batch shared with others
+            raise InvalidOption(f"face_strength must be in [0, 1], not {strength}")
         engine = self.engines.get(face_model)
-        found = await self.workers.device(engine.find, work, only_center_face=only_center_face, aligned=aligned)
-        restored = list(await asyncio.gather(*(self.batcher.submit((engine, strength, c)) for c in found.crops)))
-        parsings = [] if aligned else await self.workers.device(engine.parse, restored)
-        return found, restored, parsings
+        if aligned:
+            found = engine.align(work, None, aligned=True)
+        else:
+            detections = await self.detections.submit((engine, work))
+            found = await self.workers.cpu(engine.align, work, detections, only_center_face=only_center_face)
+        done = await asyncio.gather(*(self.faces.submit((engine, strength, not aligned, crop))
+                                      for crop in found.crops))
+        return found, [face for face, _ in done], [] if aligned else [parsing for _, parsing in done]
 
-    async def _restore_batch(self, items: list[tuple[FaceEngine, float, np.ndarray]]) -> list[np.ndarray]:
-        """One GFPGAN pass per model and strength over the faces of every waiting request."""
-        self.batch_sizes[len(items)] += 1
-        groups: dict[tuple, list[int]] = {}
-        for i, (engine, strength, _) in enumerate(items):
-            groups.setdefault((id(engine), strength), []).append(i)
+    async def _detect_batch(self, items: list[tuple[FaceEngine, np.ndarray]]) -> list[np.ndarray]:
+        """One detector pass per model over the pictures of every waiting request (the detector
+        batches those of one size), at most ``face_detect_batch_pixels`` per pass."""
+        self.batch_sizes["detect"][len(items)] += 1
         results: list[np.ndarray | None] = [None] * len(items)
-        for indices in groups.values():
-            engine, strength, _ = items[indices[0]]
-            faces = await self.workers.device(engine.restore, [items[i][2] for i in indices], strength=strength)
-            for i, face in zip(indices, faces):
-                results[i] = face
+        for indices in group_indices(items, lambda item: id(item[0])):
+            engine = items[indices[0]][0]
+            for chunk in _by_pixels(indices, [items[i][1] for i in indices], self.runtime.face_detect_batch_pixels):
+                found = await self.workers.device(engine.detector, [items[i][1] for i in chunk])
+                for i, detections in zip(chunk, found):
+                    results[i] = detections
+        return results
+
+    async def _restore_batch(self, items: list[tuple[FaceEngine, float, bool, np.ndarray]]) -> list[tuple]:
+        """One GFPGAN pass, and one parser pass, per model and strength over the faces of every
+        waiting request."""
+        self.batch_sizes["restore"][len(items)] += 1
+        results: list[tuple | None] = [None] * len(items)
+        for indices in group_indices(items, lambda item: (id(item[0]), item[1], item[2])):
+            engine, strength, parse, _ = items[indices[0]]
+            faces, parsings = await self.workers.device(_restore_and_parse, engine, [items[i][3] for i in indices],
+                                                        strength, parse)
+            for i, face, parsing in zip(indices, faces, parsings):
+                results[i] = (face, parsing)
         return results
 
     async def stats(self) -> dict:
         return {"device": str(self.device), "failures": dict(self.engines.failures),
-                "batch_sizes": dict(self.batch_sizes), "gpu_memory": gpu_memory(self.device, self.memory_fraction)}
+                "batch_sizes": {step: dict(sizes) for step, sizes in self.batch_sizes.items()},
+                "gpu_memory": gpu_memory(self.device, self.memory_fraction)}
+
+
+def _restore_and_parse(engine: FaceEngine, crops: list[np.ndarray], strength: float, parse: bool) -> tuple[list, list]:
+    faces = engine.restore(crops, strength=strength)
+    return faces, engine.parse(faces) if parse else [None] * len(faces)
+
+
+def _by_pixels(indices: list[int], pictures: list[np.ndarray], budget: int) -> list[list[int]]:
+    """``indices`` in runs whose pictures hold at most ``budget`` pixels together (at least one
+    picture a run), so a batch of large photos cannot exhaust the replica's GPU memory."""
+    runs: list[list[int]] = []
+    total = budget
+    for i, picture in zip(indices, pictures):
+        pixels = picture.shape[0] * picture.shape[1]
+        if total + pixels > budget:
+            runs.append([])
+            total = 0
+        runs[-1].append(i)
+        total += pixels
+    return runs

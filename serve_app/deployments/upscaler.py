@@ -16,7 +16,7 @@ import ray
 from ray import serve
 
 from serve_app.config import AppArgs, RuntimeConfig
-from serve_app.deployments.batching import DeviceBatcher
+from serve_app.deployments.batching import DeviceBatcher, group_indices
 from serve_app.deployments.gpu import RequestTime, RequestTimes, cap_gpu_memory, gpu_memory
 from serve_app.deployments.models import EngineCache
 from serve_app.deployments.threads import Workers
@@ -83,16 +83,14 @@ class UpscalerDeployment:
         """
         started = time.perf_counter()
         self.batch_sizes[len(items)] += 1
-        groups: dict[tuple, list[int]] = {}
-        for i, (engine, x) in enumerate(items):
-            groups.setdefault((id(engine), x.shape, x.dtype), []).append(i)
         results: list[tuple | None] = [None] * len(items)
-        for key, indices in groups.items():
+        for group, indices in enumerate(group_indices(items, lambda item: (id(item[0]), item[1].shape,
+                                                                           item[1].dtype))):
             engine = items[indices[0]][0]
             outputs, bare_ms = await self.workers.device(engine.forward_timed,
                                                          np.stack([items[i][1] for i in indices]))
             for i, y in zip(indices, outputs):
-                results[i] = (y, (started, key), bare_ms)
+                results[i] = (y, (started, group), bare_ms)
         return results
 
     async def stats(self) -> dict:
