@@ -123,6 +123,10 @@ def table(report: dict) -> str:
         loaded, unloaded = path["open_loop_at_70_percent"], path["closed_loop"][0]
         rows.append(f"| {name}: p99 at 70% of peak ({loaded['offered_per_s']:.1f}/s) vs unloaded p50 "
                     f"| {loaded['p99_ms']:.0f} ms | {unloaded['p50_ms']:.0f} ms | {loaded['p99_over_unloaded_p50']:.2f}x |")
+    for name, path in (("upscale", up), ("faces", faces)):
+        steps = ", ".join(f"{k} {v:.0f}" for k, v in path["closed_loop"][0]["cpu_steps_ms_p50"].items())
+        rows.append(f"| {name}: CPU ms per request ({steps}); busy cores at the best rate "
+                    f"| {path['cpu_ms_per_request']:.0f} ms | {path['cpu_cores_at_best_rate']:.1f} cores | |")
     for level in up["closed_loop"]:
         times = level["upscaler_replica"]["times"]
         if times.get("requests"):

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import ray
 import torch
 import yaml
@@ -101,26 +102,34 @@ def deploy(config: dict, tmp: Path) -> None:
     raise TimeoutError("the benchmark application did not start in 15 minutes")
 
 
-async def _post(http: httpx.AsyncClient, body: bytes, params: dict, latencies: list) -> None:
+CPU_STEPS = ("decode", "tiles", "stitch", "paste", "encode")  # the CPU deployment's own work
+
+
+async def _post(http: httpx.AsyncClient, body: bytes, params: dict, latencies: list,
+                steps: dict[str, list] | None = None) -> None:
     start = time.perf_counter()
     r = await http.post("/v1/restore", content=body, params=params)
     r.raise_for_status()
     latencies.append((time.perf_counter() - start) * 1e3)
+    for step in CPU_STEPS if steps is not None else ():
+        if f"x-timing-{step}-ms" in r.headers:
+            steps.setdefault(step, []).append(float(r.headers[f"x-timing-{step}-ms"]))
 
 
 async def closed_loop(body: bytes, params: dict, concurrency: int, seconds: float) -> dict:
     latencies: list[float] = []
+    steps: dict[str, list] = {}
     async with httpx.AsyncClient(base_url=URL, timeout=600, limits=httpx.Limits(max_connections=None)) as http:
         start = time.perf_counter()
 
         async def worker():
             while time.perf_counter() - start < seconds:
-                await _post(http, body, params, latencies)
+                await _post(http, body, params, latencies, steps)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
     return {"concurrency": concurrency, "requests": len(latencies), "images_per_s": len(latencies) / wall,
-            **percentiles(latencies)}
+            **percentiles(latencies), "cpu_steps_ms_p50": {k: float(np.median(v)) for k, v in steps.items()}}
 
 
 async def open_loop(body: bytes, params: dict, rate: float, seconds: float) -> dict:
@@ -156,8 +165,12 @@ def _path(name: str, body: bytes, params: dict, levels: list[int], seconds: floa
     loaded = asyncio.run(open_loop(body, params, 0.7 * best, 2 * seconds))
     unloaded = results[0]["p50_ms"]
     loaded["p99_over_unloaded_p50"] = loaded["p99_ms"] / unloaded
+    # CPU time of a request measured unloaded (no thread waits), and the cores it takes at the
+    # best rate; Ray's and the HTTP proxy's own CPU come on top.
+    cpu_ms = sum(results[0]["cpu_steps_ms_p50"].values())
     return {"path": name, "params": params, "closed_loop": results, "best_images_per_s": best,
-            "open_loop_at_70_percent": loaded}
+            "open_loop_at_70_percent": loaded, "cpu_ms_per_request": cpu_ms,
+            "cpu_cores_at_best_rate": cpu_ms * best / 1e3}
 
 
 def start_ray() -> None:

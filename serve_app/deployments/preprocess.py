@@ -91,24 +91,27 @@ class PreprocessDeployment:
                                 f"{self.runtime.limits.max_output_pixels}")
         with _timed(timings, "restore"):
             if options.face_enhance:
-                out, faces = await self._faces(pixels, options)
+                out, faces = await self._faces(pixels, options, timings)
             elif options.upscaler is None:
                 raise InvalidOption("model 'none' restores faces only: set face_enhance=true")
             else:
-                out, faces = await self._upscale(pixels, options, options.scale), 0
+                out, faces = await self._upscale(pixels, options, options.scale, timings), 0
         return Restored(out, out.shape[1], out.shape[0], mode_of(out), faces, timings)
 
-    async def _upscale(self, pixels: np.ndarray, options: RestoreOptions, outscale: float | None) -> np.ndarray:
+    async def _upscale(self, pixels: np.ndarray, options: RestoreOptions, outscale: float | None,
+                       timings: dict) -> np.ndarray:
         model = options.upscaler
         if model not in self.args.upscalers:  # before the tiles are cut
             raise InvalidOption(f"model must be one of {', '.join(self.args.upscalers)} or none, not {model!r}")
         planner = TilePlanner(get_spec(model).scale, self.runtime.tile)
-        job = await self.workers.cpu(planner.prepare, pixels, outscale=outscale,
-                                     alpha_upsampler=options.alpha_upsampler)
+        with _timed(timings, "tiles"):
+            job = await self.workers.cpu(planner.prepare, pixels, outscale=outscale,
+                                         alpha_upsampler=options.alpha_upsampler)
         outputs = await self.upscaler.forward.remote(model, options.denoise, np.stack(job.inputs()))
-        return await self.workers.cpu(planner.finish, job, list(outputs))
+        with _timed(timings, "stitch"):
+            return await self.workers.cpu(planner.finish, job, list(outputs))
 
-    async def _faces(self, pixels: np.ndarray, options: RestoreOptions) -> tuple[np.ndarray, int]:
+    async def _faces(self, pixels: np.ndarray, options: RestoreOptions, timings: dict) -> tuple[np.ndarray, int]:
         if options.face_model not in self.args.face_models:
             raise InvalidOption(f"face_model must be one of {', '.join(self.args.face_models)}")
         upscale = options.output_scale
@@ -118,10 +121,11 @@ class PreprocessDeployment:
         # The background goes through the upscaler while the faces are restored.
         background = None
         if options.upscaler is not None and not options.aligned:
-            background = await self._upscale(pixels, options, upscale)
+            background = await self._upscale(pixels, options, upscale, timings)
         found, restored, parsings = await faces
-        result = await self.workers.cpu(paste_faces, pixels, found, restored, parsings, upscale=upscale,
-                                        aligned=options.aligned, background=background)
+        with _timed(timings, "paste"):
+            result = await self.workers.cpu(paste_faces, pixels, found, restored, parsings, upscale=upscale,
+                                            aligned=options.aligned, background=background)
         return result.image, result.faces_restored
 
 
