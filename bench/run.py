@@ -124,7 +124,8 @@ def table(report: dict) -> str:
         rows.append(f"| {name}: p99 at 70% of peak ({loaded['offered_per_s']:.1f}/s) vs unloaded p50 "
                     f"| {loaded['p99_ms']:.0f} ms | {unloaded['p50_ms']:.0f} ms | {loaded['p99_over_unloaded_p50']:.2f}x |")
     for name, path in (("upscale", up), ("faces", faces)):
-        steps = ", ".join(f"{k} {v:.0f}" for k, v in path["closed_loop"][0]["cpu_steps_ms_p50"].items())
+        steps = ", ".join(f"{k} {v:.0f}" for k, v in path["closed_loop"][0]["steps_ms_p50"].items()
+                          if k in served.CPU_STEPS)
         rows.append(f"| {name}: CPU ms per request ({steps}); busy cores at the best rate "
                     f"| {path['cpu_ms_per_request']:.0f} ms | {path['cpu_cores_at_best_rate']:.1f} cores | |")
     for level in up["closed_loop"]:
