@@ -138,7 +138,7 @@ def encode(pixels: np.ndarray, fmt: str, *, quality: int | None = None, png_comp
         raise InvalidOption(f"quality must be between 1 and 100 (101: lossless WebP), not {quality}")
     if fmt == "png":
         params = [cv2.IMWRITE_PNG_COMPRESSION, png_compression, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
-        if hasattr(cv2, "IMWRITE_PNG_FILTER"):  # OpenCV 4.11 and later
+        if hasattr(cv2, "IMWRITE_PNG_FILTER"):  # recent OpenCV (5.0 here); older ones keep libpng's choice
             params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_AVG]
     elif fmt == "jpeg":
         pixels = _drop_alpha(to_8bit(pixels))
