@@ -1,6 +1,6 @@
 """The benchmark, in one command, on any CUDA machine (or a small smoke run on the CPU):
 
-    python -m bench.run [--out bench/results/NAME.json] [--seconds 8]
+    python -m bench.run [--out bench/results/NAME.json] [--seconds 8] [--sections served]
 
 In one run, on one device: the reference paths (RealESRGANer, GFPGANer) one image at a time;
 our engines' device stage at a fixed tile shape (eager and compiled, TFLOP/s against a matmul
@@ -33,6 +33,7 @@ from serve_app.config import WeightsConfig
 from serve_app.weights import WeightsStore
 
 UPSCALER, FACE_MODEL = "RealESRGAN_x4plus", "GFPGANv1.4"
+SECTIONS = ("engines", "call_styles", "served")
 
 
 def settings(cuda: bool, seconds: float | None) -> dict:
@@ -48,6 +49,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="where to write the JSON report too")
     parser.add_argument("--seconds", type=float, help="seconds per load level (default 8 on CUDA)")
     parser.add_argument("--levels", type=int, nargs="+", help="concurrency levels (default 1 4 8 16 32 64 on CUDA)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="which parts to run (default: all); 'served' alone takes about half the time")
     parser.add_argument("--cache-dir", type=Path, default=WeightsConfig().resolved_cache_dir(),
                         help="weights and compiled kernels (default: the service's cache)")
     args = parser.parse_args()
@@ -64,21 +67,26 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "versions": {"torch": torch.__version__, "ray": ray.__version__, "serve_app": serve_app.__version__,
                      "python": platform.python_version()},
-        "settings": {**s, "weights": used},
-        "engines": engines.run(store, upscaler=UPSCALER, face_model=FACE_MODEL, device=device, tile=s["tile"],
-                               batch=s["batch"], repeats=s["repeats"], compile_too=s["compile"] == "on"),
+        "settings": {**s, "weights": used, "sections": args.sections},
     }
-    _save(report, args.out)  # each section as it ends: a run cut short keeps what it measured
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    served.start_ray()
-    report["call_styles"] = call_styles.run(s["tile"], 4 if cuda else 1, s["repeats"])
-    _save(report, args.out)
-    served.run(report.setdefault("served", {}), folder, args.cache_dir, tile=s["tile"], batch=s["batch"],
-               sizes=s["sizes"], levels=s["levels"], seconds=s["seconds"], compile_mode=s["compile"],
-               save=lambda: _save(report, args.out))
-    ray.shutdown()
+    if "engines" in args.sections:
+        report["engines"] = engines.run(store, upscaler=UPSCALER, face_model=FACE_MODEL, device=device,
+                                        tile=s["tile"], batch=s["batch"], repeats=s["repeats"],
+                                        compile_too=s["compile"] == "on")
+        _save(report, args.out)  # each section as it ends: a run cut short keeps what it measured
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    if {"call_styles", "served"} & set(args.sections):
+        served.start_ray()
+        if "call_styles" in args.sections:
+            report["call_styles"] = call_styles.run(s["tile"], 4 if cuda else 1, s["repeats"])
+            _save(report, args.out)
+        if "served" in args.sections:
+            served.run(report.setdefault("served", {}), folder, args.cache_dir, tile=s["tile"], batch=s["batch"],
+                       sizes=s["sizes"], levels=s["levels"], seconds=s["seconds"], compile_mode=s["compile"],
+                       save=lambda: _save(report, args.out))
+        ray.shutdown()
     report["wall_s"] = time.perf_counter() - started
     _save(report, args.out)
     print(json.dumps(report, indent=2))
@@ -92,43 +100,59 @@ def _save(report: dict, out: Path | None) -> None:
 
 
 def table(report: dict) -> str:
-    """The short summary the README shows."""
-    eng, srv = report["engines"], report["served"]
+    """The short summary the README shows (the rows of the sections that ran)."""
+    eng, srv, styles = report.get("engines"), report.get("served"), report.get("call_styles")
+    peak = f"; matmul peak {eng['matmul_peak_tflops']['value']:.3g} TFLOP/s ({eng['matmul_peak_tflops']['dtype']})" \
+        if eng else ""
+    rows = [f"{report['device']}, {report['cpus']} CPUs; torch {report['versions']['torch']}, "
+            f"Ray {report['versions']['ray']}{peak}", "",
+            "| measure | restore-serve | reference | ratio |", "| --- | --- | --- | --- |"]
+    if eng and srv:
+        rows += _against_reference_rows(eng, srv)
+    if eng:
+        rows += _stage_rows(eng, report["settings"])
+    if srv:
+        rows += _served_rows(srv)
+    if styles:
+        rows.append(f"| same forward, Serve sync vs async method (GPU ms) | {styles['serve_sync_ms']:.1f} | "
+                    f"{styles['serve_async_ms']:.1f} | {styles['sync_over_async']:.2f}x |")
+    return "\n".join(rows)
+
+
+def _against_reference_rows(eng: dict, srv: dict) -> list[str]:
     ref_up, ref_face = eng["reference"]["RealESRGANer"], eng["reference"]["GFPGANer"]
-    up, faces = srv["upscale"], srv["faces"]
-    stage = eng["upscaler"][UPSCALER]
-    peak = eng["matmul_peak_tflops"]
-    rows = [
-        f"{report['device']}, {report['cpus']} CPUs; torch {report['versions']['torch']}, "
-        f"Ray {report['versions']['ray']}; matmul peak {peak['value']:.3g} TFLOP/s ({peak['dtype']})",
-        "",
-        "| measure | restore-serve | reference | ratio |",
-        "| --- | --- | --- | --- |",
-        f"| {ref_up['input'][0]}x{ref_up['input'][1]} x4, PNG out, images/s (served over HTTP vs "
-        f"RealESRGANer) | {up['best_images_per_s']:.1f} | {ref_up['images_per_s']:.1f} | "
-        f"{up['best_images_per_s'] / ref_up['images_per_s']:.2f}x |",
-        f"| one-face 512x512 photo, x2, PNG out, images/s (served vs GFPGANer) | {faces['best_images_per_s']:.1f} "
-        f"| {ref_face['images_per_s']:.1f} | {faces['best_images_per_s'] / ref_face['images_per_s']:.2f}x |",
-    ]
+    up, faces = srv["upscale"]["best_images_per_s"], srv["faces"]["best_images_per_s"]
+    return [f"| {ref_up['input'][0]}x{ref_up['input'][1]} x4, PNG out, images/s (served over HTTP vs "
+            f"RealESRGANer) | {up:.1f} | {ref_up['images_per_s']:.1f} | {up / ref_up['images_per_s']:.2f}x |",
+            f"| one-face 512x512 photo, x2, PNG out, images/s (served vs GFPGANer) | {faces:.1f} "
+            f"| {ref_face['images_per_s']:.1f} | {faces / ref_face['images_per_s']:.2f}x |"]
+
+
+def _stage_rows(eng: dict, settings: dict) -> list[str]:
+    stage, rows = eng["upscaler"][UPSCALER], []
+    shape = f"{settings['tile']}px tiles, batch {settings['batch']}"
     for key, r in stage.items():
         if isinstance(r, dict) and "tiles_per_s" in r:
-            shape = f"{report['settings']['tile']}px tiles, batch {report['settings']['batch']}"
             rows.append(f"| GPU stage {key}, {shape}: network (CUDA events) | {r['bare_tiles_per_s']:.1f} tiles/s, "
                         f"{r['bare_tflops']:.3g} TFLOP/s, {r['bare_percent_of_matmul_peak']:.1f}% of peak | | |")
             rows.append(f"| GPU stage {key}, {shape}: with 8-bit copies both ways | {r['tiles_per_s']:.1f} tiles/s, "
                         f"{r['tflops']:.3g} TFLOP/s, {r['percent_of_matmul_peak']:.1f}% of peak | | |")
-    for key, db in stage["psnr_vs_fp32_eager_db"].items():
-        rows.append(f"| {key} vs fp32 eager, PSNR | {db:.1f} dB | | |")
-    for name, path in (("upscale", up), ("faces", faces)):
+    rows += [f"| {key} vs fp32 eager, PSNR | {db:.1f} dB | | |" for key, db in stage["psnr_vs_fp32_eager_db"].items()]
+    return rows
+
+
+def _served_rows(srv: dict) -> list[str]:
+    rows, paths = [], (("upscale", srv["upscale"]), ("faces", srv["faces"]))
+    for name, path in paths:
         loaded, unloaded = path["open_loop_at_70_percent"], path["closed_loop"][0]
         rows.append(f"| {name}: p99 at 70% of peak ({loaded['offered_per_s']:.1f}/s) vs unloaded p50 "
                     f"| {loaded['p99_ms']:.0f} ms | {unloaded['p50_ms']:.0f} ms | {loaded['p99_over_unloaded_p50']:.2f}x |")
-    for name, path in (("upscale", up), ("faces", faces)):
+    for name, path in paths:
         steps = ", ".join(f"{k} {v:.0f}" for k, v in path["closed_loop"][0]["steps_ms_p50"].items()
                           if k in served.CPU_STEPS)
         rows.append(f"| {name}: CPU ms per request ({steps}); busy cores at the best rate "
                     f"| {path['cpu_ms_per_request']:.0f} ms | {path['cpu_cores_at_best_rate']:.1f} cores | |")
-    for level in up["closed_loop"]:
+    for level in srv["upscale"]["closed_loop"]:
         times = level["upscaler_replica"]["times"]
         if times.get("requests"):
             rows.append(f"| upscaler replica: a request's batch time vs bare forward (concurrency "
@@ -141,10 +165,7 @@ def table(report: dict) -> str:
                         f"| {m['cap_gib']:.1f} GiB cap | |")
     big = srv["largest"]
     rows.append(f"| largest default input {big['input'][0]}x{big['input'][1]} x4, one request | {big['ms']:.0f} ms | | |")
-    cs = report["call_styles"]
-    rows.append(f"| same forward, Serve sync vs async method (GPU ms) | {cs['serve_sync_ms']:.1f} | "
-                f"{cs['serve_async_ms']:.1f} | {cs['sync_over_async']:.2f}x |")
-    return "\n".join(rows)
+    return rows
 
 
 if __name__ == "__main__":
