@@ -332,7 +332,7 @@ def test_upscaler_autoscales_under_load_and_back(deployed, astronaut_bgr):
 class _NodeAutoscaler:
     """What Ray's autoscaler does for cluster.yaml's GPU node type, on the local cluster: add a
     GPU node while replicas wait for resources; remove a node it added once no actor (starting
-    or running) has been on it for ``idle_s`` (idle_timeout_minutes, shortened). ``step()`` is one look, from the
+    or running) has been on it, and none waited, for ``idle_s`` (idle_timeout_minutes, shortened). ``step()`` is one look, from the
     main thread (Ray starts nodes only there)."""
 
     def __init__(self, cluster: Cluster, idle_s: float = 5.0):
@@ -351,7 +351,10 @@ class _NodeAutoscaler:
                 self.node = self.cluster.add_node(num_cpus=2, num_gpus=1)
                 self.events.append(("added", time.monotonic()))
             return
-        held = list_actors(filters=[("node_id", "=", self.node.node_id), ("state", "!=", "DEAD")])
+        # A replica still waiting to be created is demand the node is there for: until it lands
+        # (slow while the load holds both cores), the node is not idle, as for Ray's autoscaler.
+        held = list_actors(filters=[("node_id", "=", self.node.node_id), ("state", "!=", "DEAD")]) or \
+            list_actors(filters=[("state", "=", "PENDING_CREATION")])
         self._idle_since = None if held else (self._idle_since or time.monotonic())
         if self._idle_since and time.monotonic() - self._idle_since >= self.idle_s:
             self.cluster.remove_node(self.node)
