@@ -229,6 +229,7 @@ class Upscaler:
                     outputs[i] = y
         return outputs
 
+
 def _to_host(y: torch.Tensor) -> np.ndarray:
     """``y`` as a contiguous NCHW array in host memory.
 
