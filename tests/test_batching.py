@@ -1,5 +1,6 @@
 """DeviceBatcher: batches form while the device is busy; errors and cancellations stay contained."""
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch
 from serve_app.deployments.batching import DeviceBatcher, group_indices
 from serve_app.deployments.faces import _by_pixels
 from serve_app.deployments.gpu import RequestTime, RequestTimes, cap_gpu_memory, gpu_memory
+from serve_app.deployments.threads import Workers
 
 
 def _device(sizes, seconds=0.05, fail_on=None):
@@ -83,3 +85,23 @@ def test_groups_keep_order_and_detector_runs_keep_within_their_pixels():
     pictures = [np.zeros((h, 100), np.uint8) for h in (10, 20, 30, 50, 5)]
     # budget 3,000 pixels: 1,000 + 2,000 | 3,000 | 5,000 alone though over | 500
     assert _by_pixels([7, 8, 9, 10, 11], pictures, 3000) == [[7, 8], [9], [10], [11]]
+
+
+def test_device_lanes_are_persistent_threads_that_run_side_by_side():
+    workers = Workers(device_lanes=2)
+    both_in = threading.Barrier(2, timeout=5)  # passes only when both lanes run at once
+
+    def where():
+        both_in.wait()
+        stream = torch.cuda.current_stream() if torch.cuda.is_available() else None
+        return threading.get_ident(), stream
+
+    async def main():
+        first = await asyncio.gather(workers.device(where, lane=0), workers.device(where, lane=1))
+        again = await asyncio.gather(workers.device(where, lane=0), workers.device(where, lane=1))
+        return first, again
+
+    (lane0, lane1), (lane0_again, lane1_again) = asyncio.run(main())
+    assert lane0[0] != lane1[0] and (lane0[0], lane1[0]) == (lane0_again[0], lane1_again[0])
+    if torch.cuda.is_available():  # each lane on a CUDA stream of its own, not the default one
+        assert lane0[1] != lane1[1] and torch.cuda.default_stream() not in (lane0[1], lane1[1])

@@ -12,6 +12,7 @@ from serve_app.errors import (
     CorruptImage, EmptyImage, InvalidOption, NotAnImage, TooManyBytes, TooManyPixels, UnsupportedFormat,
 )
 from serve_app.imageio import decode, default_output_format, encode, probe
+from serve_app.imageio.png import encode_png
 
 LIMITS = dict(max_bytes=10_000_000, max_pixels=4_000_000)
 
@@ -65,6 +66,24 @@ def test_encode_round_trips(small_photo, fmt):
         assert error.max() == 0
     else:  # lossy at quality 100: chroma subsampling still moves a few values
         assert error.mean() < 2
+
+
+@pytest.mark.parametrize("channels", [None, 1, 3, 4])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_png_writer_round_trips_every_mode_exactly_and_any_reader_reads_it(small_photo, channels, dtype):
+    rng = np.random.default_rng(channels or 0)
+    noise = rng.integers(0, 4, small_photo.shape[:2] + (4,))  # values the up-filter must wrap around
+    pixels = np.dstack([small_photo, small_photo[:, :, :1]]).astype(np.int64) * (257 if dtype == np.uint16 else 1)
+    pixels = ((pixels + noise) % (np.iinfo(dtype).max + 1)).astype(dtype)
+    pixels = pixels[:, :, 0] if channels is None else np.ascontiguousarray(pixels[:, :, :channels])
+    data = encode_png(pixels)
+    back = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert back.dtype == dtype and np.array_equal(back, pixels if channels != 1 else pixels[:, :, 0])
+    with Image.open(io.BytesIO(data)) as pil:  # a second, independent reader
+        pil.load()
+        assert pil.size == (pixels.shape[1], pixels.shape[0])
+    with pytest.raises(ValueError):
+        encode_png(pixels.astype(np.float32))
 
 
 def test_encode_bit_depth_and_alpha_rules(small_photo):

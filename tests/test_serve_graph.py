@@ -64,7 +64,7 @@ def _config(weights_dir: Path, cache: Path, runtime: dict) -> dict:
     up["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
                                 "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 2,
                                 "metrics_interval_s": 0.5}
-    deployments["FaceDeployment"]["autoscaling_config"]["min_replicas"] = 1  # two cores here
+    deployments["FaceDeployment"]["ray_actor_options"]["num_gpus"] = 0.25  # room for two upscalers
     return config
 
 

@@ -2,8 +2,10 @@
 
 Under load a face replica answers many requests at once, so every network step batches: the
 detector over same-size pictures, GFPGAN and the parser over the faces of every waiting request.
-Aligning the faces is CPU work on this replica's small pool; pasting them back, and the
-background, are the CPU deployment's work.
+The two steps run in two device lanes (threads with CUDA streams of their own), so the next
+pictures are searched for faces while the last faces are restored. Aligning the faces is CPU
+work on this replica's small pool; pasting them back, and the background, are the CPU
+deployment's work.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from serve_app.errors import InvalidOption
 from serve_app.weights import WeightsStore
 
 log = logging.getLogger("ray.serve")
+_DETECT, _RESTORE = 0, 1  # the device lanes
 
 
 @serve.deployment
@@ -37,7 +40,7 @@ class FaceDeployment:
         self.detections = DeviceBatcher(self._detect_batch, self.runtime.face_batch_size,
                                         self.runtime.face_batch_wait_s)
         self.faces = DeviceBatcher(self._restore_batch, self.runtime.face_batch_size, self.runtime.face_batch_wait_s)
-        self.workers = Workers()
+        self.workers = Workers(device_lanes=2)
         self.device = resolve_device(args.device)
         self.memory_fraction = cap_gpu_memory(self.device, self.runtime.gpu_memory_fraction)
         log.info("GFPGAN deployment on %s", self.device)
@@ -85,7 +88,7 @@ class FaceDeployment:
         for indices in group_indices(items, lambda item: id(item[0])):
             engine = items[indices[0]][0]
             for chunk in _by_pixels(indices, [items[i][1] for i in indices], self.runtime.face_detect_batch_pixels):
-                found = await self.workers.device(engine.detector, [items[i][1] for i in chunk])
+                found = await self.workers.device(engine.detector, [items[i][1] for i in chunk], lane=_DETECT)
                 for i, detections in zip(chunk, found):
                     results[i] = detections
         return results
@@ -98,7 +101,7 @@ class FaceDeployment:
         for indices in group_indices(items, lambda item: (id(item[0]), item[1], item[2])):
             engine, strength, parse, _ = items[indices[0]]
             faces, parsings = await self.workers.device(_restore_and_parse, engine, [items[i][3] for i in indices],
-                                                        strength, parse)
+                                                        strength, parse, lane=_RESTORE)
             for i, face, parsing in zip(indices, faces, parsings):
                 results[i] = (face, parsing)
         return results
