@@ -1,4 +1,4 @@
-"""Image bytes in and out: pure functions of numpy and OpenCV, no torch and no Ray."""
+"""Image bytes in and out: pure functions of numpy, OpenCV and ISA-L (PNG), no torch and no Ray."""
 from serve_app.imageio.codec import DecodedImage, check_array, decode, default_output_format, encode
 from serve_app.imageio.probe import ImageHeader, probe
 
