@@ -57,3 +57,26 @@ def test_compiled_matches_eager_on_a_real_photo_and_a_restart_reuses_its_kernels
     counters = json.loads(done.stdout.strip().splitlines()[-1])
     assert counters.get("fxgraph_cache_hit", 0) >= 1 and counters.get("fxgraph_cache_miss", 0) == 0, counters
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), compiled.forward(tiles), atol=1e-5)
+
+
+def test_every_batch_size_up_to_the_cap_gives_the_networks_answer(tmp_path):
+    # On CUDA each batch size is a captured CUDA graph; on the CPU a batch of one is padded to
+    # two. Either way a call must answer as the network does, batch after batch.
+    import torch
+    from realesrgan.archs.srvgg_arch import SRVGGNetCompact
+
+    from serve_app.engines.compiled import CompiledNetwork
+    from serve_app.engines.device import resolve_device
+
+    device = resolve_device("auto")
+    torch.manual_seed(0)
+    network = SRVGGNetCompact(num_feat=16, num_conv=4, upscale=4, act_type="prelu").eval().to(device)
+    compiled = CompiledNetwork(network, size=32, max_batch=3, device=device, dtype=torch.float32,
+                               memory_format=torch.contiguous_format, artifacts=tmp_path / "compiled.bin")
+    assert sorted(compiled._graphs) == ([1, 2, 3] if device.type == "cuda" else [])
+    with torch.inference_mode():
+        for batch in (3, 1, 2, 1, 3):  # every size, in an order that reuses the shared graph memory
+            x = torch.rand(batch, 3, 32, 32, device=device)
+            torch.testing.assert_close(compiled(x).clone(), network(x), atol=2e-3, rtol=0)
+        odd = torch.rand(2, 3, 24, 32, device=device)  # another shape runs eager
+        torch.testing.assert_close(compiled(odd), network(odd))
