@@ -1,0 +1,189 @@
+"""Where the upscale path's p99 under load comes from: three measurements behind the README.
+
+    python -m bench.tail queue [--rate 61.4] [--fixed-ms 6] [--tile-ms 9.1]
+    python -m bench.tail overlap          # CUDA only
+    python -m bench.tail client [--rate 64]
+
+- ``queue``: Poisson arrivals at one device that runs one batch at a time, formed as
+  ``DeviceBatcher`` forms them (everything waiting, up to the cap; a lone item waits
+  ``--wait-ms`` for company), a batch of n tiles taking ``fixed + n * tile`` ms: the GPU step's
+  p50/p99 and mean batch, for several caps, against one request alone.
+- ``overlap``: two CUDA-graph sets of the compiled x4plus replayed from two threads on two
+  streams, against the same replays one after the other: what a second device lane would gain.
+- ``client``: the load generator's own share of a 3 MB answer, httpx against aiohttp, from a
+  local server that does no work.
+Each prints JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def simulate_queue(rate: float, batch_ms, cap: int, wait_ms: float, requests: int = 200_000,
+                   seed: int = 0) -> dict:
+    """The GPU step of each request (arrival to its batch's end) in a one-batch-at-a-time queue."""
+    rng = random.Random(seed)
+    arrivals = np.cumsum([rng.expovariate(rate / 1e3) for _ in range(requests)])
+    latencies, sizes, free, i = [], [], 0.0, 0
+    while i < requests:
+        start = max(free, arrivals[i])
+        if start == arrivals[i]:  # the device was idle: wait for company, or until the batch is full
+            full = arrivals[i + cap - 1] if i + cap - 1 < requests else np.inf
+            start = min(arrivals[i] + wait_ms, full)
+        j = i
+        while j < requests and j - i < cap and arrivals[j] <= start:
+            j += 1
+        end = start + batch_ms(j - i)
+        latencies.extend(end - arrivals[i:j])
+        sizes.append(j - i)
+        free, i = end, j
+    return {"p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99)),
+            "mean_batch": float(np.mean(sizes))}
+
+
+def queue(args) -> dict:
+    def batch_ms(n):
+        return args.fixed_ms + args.tile_ms * n
+
+    alone = batch_ms(1) + args.wait_ms
+    return {"rate_per_s": args.rate, "batch_ms": f"{args.fixed_ms} + {args.tile_ms} * tiles", "alone_ms": alone,
+            "by_cap": {cap: simulate_queue(args.rate, batch_ms, cap, args.wait_ms) for cap in (2, 4, 8)}}
+
+
+def overlap(args) -> dict:
+    import torch
+
+    from bench.common import weights_in_use
+    from serve_app.config import EngineConfig, TileConfig, WeightsConfig
+    from serve_app.engines.compiled import _Graph, _zeros
+    from serve_app.engines.upscaler import load_upscaler
+    from serve_app.weights import WeightsStore
+
+    folder = Path(tempfile.mkdtemp())
+    weights_in_use(folder, folder / "cache", ["RealESRGAN_x4plus"])
+    store = WeightsStore(WeightsConfig(folder=folder, cache_dir=folder / "cache", download=False))
+    engine = load_upscaler("RealESRGAN_x4plus", store, EngineConfig(device="cuda", compile="on",
+                           tile=TileConfig(size=256, batch_size=8)))
+    first = engine.run._graphs
+    pool, warm_up = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
+    second = {b: _Graph(engine.run._compiled, _zeros(b, 256, torch.device("cuda"), torch.half, torch.channels_last),
+                        pool, warm_up) for b in sorted(first, reverse=True)}
+    streams = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def replay(graph, stream, times):
+        with torch.cuda.stream(stream):
+            for _ in range(times):
+                graph.graph.replay()
+            stream.synchronize()
+
+    results, times = {}, 20
+    for b in (1, 2, 4, 8):
+        replay(first[b], streams[0], 3)
+        replay(second[b], streams[1], 3)
+        started = time.perf_counter()
+        replay(first[b], streams[0], times)
+        replay(second[b], streams[1], times)
+        one_after_other = time.perf_counter() - started
+        threads = [threading.Thread(target=replay, args=(g, s, times)) for g, s in zip((first[b], second[b]), streams)]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        together = time.perf_counter() - started
+        results[f"batch_{b}"] = {"one_batch_ms": one_after_other / (2 * times) * 1e3,
+                                 "two_at_once_ms": together / times * 1e3,
+                                 "throughput_gain": one_after_other / together - 1}
+    return {"device": torch.cuda.get_device_name(), **results}
+
+
+_SERVER = """
+import os
+body = os.urandom(3_000_000)
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"image/png")]})
+    await send({"type": "http.response.body", "body": body})
+"""
+
+
+async def _client_latencies(kind: str, url: str, rate: float, seconds: float) -> list[float]:
+    import aiohttp
+    import httpx
+
+    body, latencies, rng = os.urandom(130_000), [], random.Random(0)
+    if kind == "httpx":
+        session = httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=None))
+    else:
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+    async def one():
+        started = time.perf_counter()
+        if kind == "httpx":
+            (await session.post(url, content=body)).raise_for_status()
+        else:
+            async with session.post(url, data=body) as r:
+                r.raise_for_status()
+                await r.read()
+        latencies.append((time.perf_counter() - started) * 1e3)
+
+    async with session:
+        tasks, start, due = [], time.perf_counter(), 0.0
+        while due < seconds:
+            await asyncio.sleep(max(0.0, start + due - time.perf_counter()))
+            tasks.append(asyncio.create_task(one()))
+            due += rng.expovariate(rate)
+        await asyncio.gather(*tasks)
+    return latencies
+
+
+def client(args) -> dict:
+    folder = Path(tempfile.mkdtemp())
+    (folder / "noop_server.py").write_text(_SERVER)
+    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "noop_server:app", "--port", "8011",
+                               "--log-level", "warning"], cwd=folder)
+    try:
+        time.sleep(3)
+        results = {}
+        for kind in ("httpx", "aiohttp"):
+            for rate in (1.0, args.rate):
+                ms = asyncio.run(_client_latencies(kind, "http://127.0.0.1:8011/", rate, 8))
+                results[f"{kind}_at_{rate:g}_per_s"] = {"p50_ms": float(np.percentile(ms, 50)),
+                                                       "p99_ms": float(np.percentile(ms, 99))}
+        return results
+    finally:
+        server.terminate()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    q = sub.add_parser("queue")
+    q.add_argument("--rate", type=float, default=61.4, help="arrivals per second (run k: 70%% of 87.7)")
+    q.add_argument("--fixed-ms", type=float, default=6.0, help="a batch's time besides its tiles")
+    q.add_argument("--tile-ms", type=float, default=9.1, help="each tile's share of a batch's time")
+    q.add_argument("--wait-ms", type=float, default=5.0, help="upscaler_batch_wait_s, in ms")
+    sub.add_parser("overlap")
+    c = sub.add_parser("client")
+    c.add_argument("--rate", type=float, default=64.0)
+    args = parser.parse_args()
+    print(json.dumps({"queue": queue, "overlap": overlap, "client": client}[args.what](args), indent=2))
+
+
+if __name__ == "__main__":
+    main()
