@@ -51,6 +51,25 @@ def test_a_lone_item_waits_at_most_the_wait():
     assert result == 30 and sizes == [1] and elapsed < 1.0  # bounded by wait_s, not by a full batch
 
 
+def test_items_queued_behind_a_batch_go_at_once_without_waiting_for_company():
+    sizes = []
+
+    async def main():
+        # A wait far longer than the device's 50 ms: any wait for company would show.
+        batcher = DeviceBatcher(_device(sizes), max_batch_size=4, wait_s=5.0)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        first = [asyncio.ensure_future(batcher.submit(i)) for i in range(4)]  # full: no wait
+        await asyncio.sleep(0.02)
+        queued = [asyncio.ensure_future(batcher.submit(i)) for i in (4, 5)]  # behind the first batch
+        results = await asyncio.gather(*first, *queued)
+        return results, loop.time() - start
+
+    results, elapsed = asyncio.run(main())
+    assert results == [i * 10 for i in range(6)] and sizes == [4, 2]
+    assert elapsed < 2.5  # two 50 ms batches; waiting for company would take 5 s
+
+
 def test_a_failing_batch_fails_its_callers_only_and_cancelled_callers_are_skipped():
     sizes = []
 

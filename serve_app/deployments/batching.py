@@ -5,8 +5,8 @@ Why not ``@serve.batch``: in Ray 2.60 it forms a batch as soon as the first item
 batch then holds the few items that arrived in one short wait: on an H200 the upscaler ran
 batches of one tile at 16 concurrent requests, at half its throughput, while requests waited
 250 ms in the replica. Here the next batch is formed only when the previous one is done, so it
-takes everything that queued meanwhile (up to ``max_batch_size``); a lone item still waits at
-most ``wait_s`` for company.
+takes everything that queued meanwhile (up to ``max_batch_size``) and goes at once; only an
+item that finds the device idle waits, at most ``wait_s``, for company.
 """
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ class DeviceBatcher(Generic[T, R]):
         return await future
 
     async def _serve(self) -> None:
+        backlog = False  # whether items queued while the device ran the last batch
         while True:
-            batch = await self._next_batch()
+            batch = await self._next_batch(backlog)
             batch = [(item, future) for item, future in batch if not future.cancelled()]
             if not batch:
                 continue
@@ -47,15 +48,21 @@ class DeviceBatcher(Generic[T, R]):
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
-                continue
-            for (_, future), result in zip(batch, results):
-                if not future.done():
-                    future.set_result(result)
+            else:
+                for (_, future), result in zip(batch, results):
+                    if not future.done():
+                        future.set_result(result)
+            backlog = bool(self._waiting)
 
-    async def _next_batch(self) -> list[tuple[T, asyncio.Future]]:
+    async def _next_batch(self, backlog: bool) -> list[tuple[T, asyncio.Future]]:
+        # Items that queued while the device ran the last batch go at once: waiting for more
+        # would idle a device that has work. Measured on an H100 at 61 upscale requests/s, a
+        # 5 ms wait before every batch idled the GPU about 15% of the time and raised the
+        # replica's p99 from about 100 ms (simulated without it) to 117 ms.
         await self._wait_for_arrival(None)
         batch = [self._waiting.popleft()]
-        deadline = asyncio.get_running_loop().time() + self.wait_s
+        # Only an item that found the device idle waits, at most wait_s, for company.
+        deadline = asyncio.get_running_loop().time() + (0.0 if backlog else self.wait_s)
         while len(batch) < self.max_batch_size:
             if self._waiting:
                 batch.append(self._waiting.popleft())
