@@ -9,6 +9,7 @@ import torch
 from serve_app.deployments.batching import DeviceBatcher, group_indices
 from serve_app.deployments.faces import _by_pixels
 from serve_app.deployments.gpu import RequestTime, RequestTimes, cap_gpu_memory, gpu_memory
+from serve_app.deployments.heap import freeze_heap
 from serve_app.deployments.threads import Workers
 
 
@@ -124,3 +125,24 @@ def test_device_lanes_are_persistent_threads_that_run_side_by_side():
     assert lane0[0] != lane1[0] and (lane0[0], lane1[0]) == (lane0_again[0], lane1_again[0])
     if torch.cuda.is_available():  # each lane on a CUDA stream of its own, not the default one
         assert lane0[1] != lane1[1] and torch.cuda.default_stream() not in (lane0[1], lane1[1])
+
+
+def test_freezing_the_heap_hides_start_up_objects_from_the_collector_but_still_collects_new_garbage():
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    try:
+        freeze_heap()
+        frozen = gc.get_freeze_count()
+        assert frozen > 1000  # the test process's imports: torch, numpy, Ray
+        node = Node()
+        node.self = node  # a cycle only the collector frees
+        gone = weakref.ref(node)
+        del node
+        gc.collect()
+        assert gone() is None and gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()

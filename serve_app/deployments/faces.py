@@ -19,6 +19,7 @@ from ray import serve
 from serve_app.config import AppArgs, RuntimeConfig
 from serve_app.deployments.batching import DeviceBatcher, group_indices
 from serve_app.deployments.gpu import cap_gpu_memory, gpu_memory
+from serve_app.deployments.heap import freeze_heap
 from serve_app.deployments.models import EngineCache
 from serve_app.deployments.threads import Workers
 from serve_app.engines.device import resolve_device
@@ -45,6 +46,7 @@ class FaceDeployment:
         self.memory_fraction = cap_gpu_memory(self.device, self.runtime.gpu_memory_fraction)
         log.info("GFPGAN deployment on %s", self.device)
         self.engines.preload([(name,) for name in args.face_models])
+        freeze_heap()
 
     def _load(self, name: str) -> FaceEngine:
         return load_face_engine(name, self.store, self.runtime.engine(self.args.device),
@@ -61,6 +63,7 @@ class FaceDeployment:
         if reload:
             self.engines.clear()
             self.engines.preload([(name,) for name in self.args.face_models])
+            freeze_heap()
 
     async def restore(self, work: np.ndarray, face_model: str, strength: float = 1.0,
                       only_center_face: bool = False, aligned: bool = False

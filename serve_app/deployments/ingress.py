@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from serve_app.api import Restored, parse_options
 from serve_app.config import AppArgs, RuntimeConfig
 from serve_app.deployments.failures import typed_error
+from serve_app.deployments.heap import freeze_heap
 from serve_app.errors import InvalidOption, Overloaded, RestoreError, TooManyBytes
 from serve_app.weights import MODELS, WeightsStore
 
@@ -36,6 +37,7 @@ class Ingress:
         # The GPU deployments' handles serve /healthz only; requests go through the CPU deployment.
         self.args, self.store, self.runtime = args, WeightsStore(args.weights), RuntimeConfig()
         self.preprocess, self.upscaler, self.faces = preprocess, upscaler, faces
+        freeze_heap()
 
     def reconfigure(self, user_config: dict) -> None:
         self.runtime = RuntimeConfig.model_validate(user_config)

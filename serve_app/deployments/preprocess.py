@@ -18,6 +18,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.api import Restored, RestoreOptions
 from serve_app.config import AppArgs, RuntimeConfig
 from serve_app.deployments.failures import typed_error
+from serve_app.deployments.heap import freeze_heap
 from serve_app.deployments.threads import Workers
 from serve_app.engines.faces import paste_faces, to_bgr8
 from serve_app.engines.upscaler import TilePlanner
@@ -47,6 +48,7 @@ class PreprocessDeployment:
         self.workers = Workers(cpu_threads=self.runtime.cpu_threads)
         # Parallelism comes from replicas and their threads; OpenCV's own pool would oversubscribe.
         cv2.setNumThreads(1)
+        freeze_heap()
 
     def reconfigure(self, user_config: dict) -> None:
         runtime = RuntimeConfig.model_validate(user_config)

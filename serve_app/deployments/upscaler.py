@@ -18,6 +18,7 @@ from ray import serve
 from serve_app.config import AppArgs, RuntimeConfig
 from serve_app.deployments.batching import DeviceBatcher, group_indices
 from serve_app.deployments.gpu import RequestTime, RequestTimes, cap_gpu_memory, gpu_memory
+from serve_app.deployments.heap import freeze_heap
 from serve_app.deployments.models import EngineCache
 from serve_app.deployments.threads import Workers
 from serve_app.engines.device import resolve_device
@@ -43,6 +44,7 @@ class UpscalerDeployment:
         self.memory_fraction = cap_gpu_memory(self.device, self.runtime.gpu_memory_fraction)
         log.info("Real-ESRGAN deployment on %s", self.device)
         self.engines.preload([(name, None) for name in args.upscalers])
+        freeze_heap()
 
     def _load(self, name: str, denoise: float | None) -> Upscaler:
         return load_upscaler(name, self.store, self.runtime.engine(self.args.device), denoise=denoise)
@@ -57,6 +59,7 @@ class UpscalerDeployment:
         if reload:  # engines hold their tile shape, number format and compiled kernels
             self.engines.clear()
             self.engines.preload([(name, None) for name in self.args.upscalers])
+            freeze_heap()
 
     # async, forwards on the device thread: in Serve's sync-method pool the same forward took
     # 1.3x the GPU time, on a new thread per call 5.6x (bench/call_styles.py, H100).
