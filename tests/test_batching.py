@@ -1,6 +1,8 @@
 """DeviceBatcher: batches form while the device is busy; errors and cancellations stay contained."""
 import asyncio
+import gc
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -128,9 +130,6 @@ def test_device_lanes_are_persistent_threads_that_run_side_by_side():
 
 
 def test_freezing_the_heap_hides_start_up_objects_from_the_collector_but_still_collects_new_garbage():
-    import gc
-    import weakref
-
     class Node:
         pass
 

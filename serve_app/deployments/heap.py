@@ -3,8 +3,8 @@
 A replica's heap after start-up holds millions of objects (torch, its compiler, Ray), all
 long-lived. CPython's oldest-generation collection walks every one of them: on an H100 host
 the upscaler replica's full collections took 0.3-1.6 s each, every 7-30 s while it served,
-and each one stalled every request the replica held. Freezing the start-up heap moves it out of the collector's sight, so later
-collections walk only what requests allocate.
+and each one stalled every request the replica held. Freezing the start-up heap moves it out
+of the collector's sight, so later collections walk only what requests allocate.
 """
 from __future__ import annotations
 

@@ -14,8 +14,9 @@ replayed. The compiled forward launches about a thousand kernels from Python: 12
 calling thread's CPU per batch on an H100 host, holding the GIL while the replica's event loop
 waits to take in requests and hand back results. A replay launches them all in one call
 (0.5-0.6 ms) and gives the same bytes. A batch of one gets a graph of its own (13 ms on the
-H100 against 24 ms padded to two; 12 ms with cuDNN's timed choice of algorithms), worth one more compile: about 110 s for both on a fresh
-H100, which the saved artifacts spare later starts.
+H100 against 24 ms padded to two; 12 ms with cuDNN's timed choice of algorithms), worth one
+more compile: about 110 s for both on a fresh H100, which the saved artifacts spare later
+starts.
 """
 from __future__ import annotations
 
