@@ -90,16 +90,22 @@ def reference_faces(store, name: str, device: str, repeats: int) -> dict:
     return {"input": [512, 512], "faces": 1, "images_per_s": 1 / seconds, "ms": 1e3 * seconds}
 
 
-def upscaler_stage(store, name: str, device: str, tile: int, batch: int, repeats: int, peak: float,
-                   compile_too: bool) -> dict:
+def _variants(device: str, compile_too: bool) -> list[tuple[str, str, str]]:
+    """(name, precision, compile mode) of each way to run a stage: fp32 eager first, the baseline
+    the others' PSNR is taken against."""
     variants = [("fp32", "off")]
     if device == "cuda":
         variants.append(("fp16", "off"))
     if compile_too:
         variants.append(("fp16" if device == "cuda" else "fp32", "on"))
+    return [(f"{p}-{'compiled' if c == 'on' else 'eager'}", p, c) for p, c in variants]
+
+
+def upscaler_stage(store, name: str, device: str, tile: int, batch: int, repeats: int, peak: float,
+                   compile_too: bool) -> dict:
     img = photo(tile)
     results, outputs = {}, {}
-    for precision, compile_mode in variants:
+    for key, precision, compile_mode in _variants(device, compile_too):
         config = EngineConfig(device=device, precision=precision, compile=compile_mode,
                               tile=TileConfig(size=tile, batch_size=batch))
         engine = load_upscaler(name, store, config)
@@ -109,7 +115,6 @@ def upscaler_stage(store, name: str, device: str, tile: int, batch: int, repeats
         seconds = timed(lambda: bare_ms.append(engine.forward_timed(tiles)[1]), repeats)
         bare_seconds = float(np.median(bare_ms)) / 1e3
         flops = flops_per_tile(engine, tile) * batch
-        key = f"{precision}-{'compiled' if compile_mode == 'on' else 'eager'}"
         outputs[key] = engine.upscale([img])[0]
         results[key] = {
             # the network alone (CUDA events): the GPU stage against the roofline
@@ -127,17 +132,23 @@ def upscaler_stage(store, name: str, device: str, tile: int, batch: int, repeats
     return results
 
 
-def face_stage(store, name: str, device: str, batch: int, repeats: int) -> dict:
+def face_stage(store, name: str, device: str, batch: int, repeats: int, compile_too: bool) -> dict:
     img = photo()
     crop, _ = geo.align_face(img, geo.faces_of(ASTRONAUT_FACE)[1][0])
-    results = {}
-    for precision in ("fp32", "fp16") if device == "cuda" else ("fp32",):
-        engine = load_face_engine(name, store, EngineConfig(device=device, precision=precision))
+    results, outputs = {}, {}
+    for key, precision, compile_mode in _variants(device, compile_too):
+        engine = load_face_engine(name, store, EngineConfig(device=device, precision=precision, compile=compile_mode))
+        one = timed(lambda: engine.restore([crop]), repeats)
         seconds = timed(lambda: engine.restore([crop] * batch), repeats)
+        parse = timed(lambda: engine.parse([crop]), repeats)
+        outputs[key] = engine.restore([crop])[0]
         engine.detector = known_face_detector(engine.detector)
         whole = timed(lambda: engine.enhance(img, upscale=2), repeats)
-        results[precision] = {"faces_per_s": batch / seconds, "face_ms": 1e3 * seconds / batch,
-                              "whole_image_ms": 1e3 * whole}
+        # restore and parse: 8-bit faces in, 8-bit faces (class maps) back in host memory
+        results[key] = {"one_face_ms": 1e3 * one, "faces_per_s": batch / seconds, "face_ms": 1e3 * seconds / batch,
+                        "parse_one_face_ms": 1e3 * parse, "whole_image_ms": 1e3 * whole}
+    results["psnr_vs_fp32_eager_db"] = {k: psnr(v, outputs["fp32-eager"]) for k, v in outputs.items()
+                                        if k != "fp32-eager"}
     return results
 
 
@@ -153,5 +164,5 @@ def run(store, *, upscaler: str, face_model: str, device: str, tile: int, batch:
             "GFPGANer": reference_faces(store, face_model, device, max(1, repeats // 2)),
         },
         "upscaler": {upscaler: upscaler_stage(store, upscaler, device, tile, batch, repeats, peak, compile_too)},
-        "faces": {face_model: face_stage(store, face_model, device, batch, repeats)},
+        "faces": {face_model: face_stage(store, face_model, device, batch, repeats, compile_too)},
     }

@@ -138,6 +138,12 @@ def _stage_rows(eng: dict, settings: dict) -> list[str]:
             rows.append(f"| GPU stage {key}, {shape}: with 8-bit copies both ways | {r['tiles_per_s']:.1f} tiles/s, "
                         f"{r['tflops']:.3g} TFLOP/s, {r['percent_of_matmul_peak']:.1f}% of peak | | |")
     rows += [f"| {key} vs fp32 eager, PSNR | {db:.1f} dB | | |" for key, db in stage["psnr_vs_fp32_eager_db"].items()]
+    faces = eng["faces"][FACE_MODEL]
+    for key, r in faces.items():
+        if isinstance(r, dict) and "face_ms" in r:
+            rows.append(f"| face stage {key}: restore one face; a face in a batch of {settings['batch']}; parse one "
+                        f"| {r['one_face_ms']:.1f} ms; {r['face_ms']:.1f} ms; {r['parse_one_face_ms']:.1f} ms | | |")
+    rows += [f"| faces {key} vs fp32 eager, PSNR | {db:.1f} dB | | |" for key, db in faces["psnr_vs_fp32_eager_db"].items()]
     return rows
 
 

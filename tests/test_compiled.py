@@ -80,3 +80,25 @@ def test_every_batch_size_up_to_the_cap_gives_the_networks_answer(tmp_path):
             torch.testing.assert_close(compiled(x).clone(), network(x), atol=2e-3, rtol=0)
         odd = torch.rand(2, 3, 24, 32, device=device)  # another shape runs eager
         torch.testing.assert_close(compiled(odd), network(odd))
+
+
+def test_a_network_compiled_for_one_item_runs_a_batch_item_by_item(tmp_path):
+    # max_batch=1: one static compile (one CUDA graph); each result is copied out before the
+    # next item's call reuses the output buffer.
+    import torch
+    from realesrgan.archs.srvgg_arch import SRVGGNetCompact
+
+    from serve_app.engines.compiled import CompiledNetwork
+    from serve_app.engines.device import resolve_device
+
+    device = resolve_device("auto")
+    torch.manual_seed(0)
+    network = SRVGGNetCompact(num_feat=16, num_conv=4, upscale=4, act_type="prelu").eval().to(device)
+    compiled = CompiledNetwork(network, size=32, max_batch=1, device=device, dtype=torch.float32,
+                               memory_format=torch.contiguous_format, artifacts=tmp_path / "compiled.bin")
+    assert sorted(compiled._graphs) == ([1] if device.type == "cuda" else [])
+    with torch.inference_mode():
+        x = torch.rand(3, 3, 32, 32, device=device)
+        ours = compiled(x)
+        torch.testing.assert_close(ours, network(x), atol=2e-3, rtol=0)
+        assert ours[0].abs().sum() != ours[2].abs().sum()  # three answers, not one repeated

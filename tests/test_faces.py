@@ -167,3 +167,30 @@ def test_prior_boxes_equal_facexlibs(store):
     for height, width in [(512, 512), (37, 91), (1080, 1920)]:
         expected = PriorBox(cfg, image_size=(height, width)).forward().numpy()
         np.testing.assert_array_equal(prior_boxes(cfg, height, width), expected)
+
+
+def test_compiled_face_networks_answer_as_eager_ones_face_by_face(engine, store, astronaut_bgr, tmp_path):
+    # The engine the face replica runs on CUDA (there as CUDA graphs): GFPGAN and ParseNet
+    # compiled for one face, a batch going face by face, kernels saved beside the weights.
+    from serve_app.config import WeightsConfig
+    from serve_app.weights import WeightsStore
+
+    cached = WeightsStore(WeightsConfig(folder=store.config.folder, cache_dir=tmp_path, download=False))
+    compiled = load_face_engine("GFPGANv1.4", cached, CPU.model_copy(update={"compile": "on"}))
+    _, landmarks = geo.faces_of(ASTRONAUT_FACE)
+    crops = [geo.align_face(astronaut_bgr, landmarks[0])[0], geo.align_face(astronaut_bgr[:, ::-1].copy(),
+                                                                            landmarks[0])[0]]
+    ours, theirs = compiled.restore(crops), engine.restore(crops)
+    for face, reference, crop in zip(ours, theirs, crops):
+        assert np.abs(face.astype(int) - reference.astype(int)).max() <= 2
+        np.testing.assert_array_equal(face, compiled.restore([crop])[0])  # alone as in the batch
+    maps, reference_maps = compiled.parse(theirs), engine.parse(theirs)
+    assert all((m != r).mean() < 1e-3 for m, r in zip(maps, reference_maps))
+    saved = sorted(p.name.split("-512-")[0] for p in (tmp_path / "compiled").iterdir())
+    assert saved == ["GFPGANv1.4", "parsenet"]
+
+
+def test_face_models_of_one_replica_share_the_detector_and_the_parser(engine, store):
+    other = load_face_engine("RestoreFormer", store, CPU, share_with=engine)
+    assert other.detector is engine.detector and other.parser is engine.parser
+    assert other.restorer is not engine.restorer

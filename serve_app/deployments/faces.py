@@ -50,12 +50,12 @@ class FaceDeployment:
 
     def _load(self, name: str) -> FaceEngine:
         return load_face_engine(name, self.store, self.runtime.engine(self.args.device),
-                                max_faces=self.runtime.limits.max_faces)
+                                max_faces=self.runtime.limits.max_faces, share_with=self.engines.any_loaded())
 
     def reconfigure(self, user_config: dict) -> None:
         runtime = RuntimeConfig.model_validate(user_config)
-        reload = (runtime.precision, runtime.limits.max_faces) != (self.runtime.precision,
-                                                                   self.runtime.limits.max_faces)
+        # Engines hold their number format, compiled networks and face cap.
+        reload = _engine_settings(runtime) != _engine_settings(self.runtime)
         self.runtime = runtime
         self.memory_fraction = cap_gpu_memory(self.device, runtime.gpu_memory_fraction)
         for batcher in (self.detections, self.faces):
@@ -113,6 +113,10 @@ class FaceDeployment:
         return {"device": str(self.device), "failures": dict(self.engines.failures),
                 "batch_sizes": {step: dict(sizes) for step, sizes in self.batch_sizes.items()},
                 "gpu_memory": gpu_memory(self.device, self.memory_fraction)}
+
+
+def _engine_settings(runtime: RuntimeConfig) -> tuple:
+    return runtime.precision, runtime.compile, runtime.limits.max_faces
 
 
 def _restore_and_parse(engine: FaceEngine, crops: list[np.ndarray], strength: float, parse: bool) -> tuple[list, list]:

@@ -36,6 +36,10 @@ class EngineCache(Generic[E]):
         log.info("loaded %s", key)
         return engine
 
+    def any_loaded(self) -> E | None:
+        """One of the engines loaded now, if any (to share what all of them hold alike)."""
+        return next(iter(self._engines.values()), None)
+
     def preload(self, keys: list[tuple]) -> None:
         """Load what the service offers now; a failure is recorded for /healthz, not raised."""
         for key in keys:

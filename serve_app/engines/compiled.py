@@ -1,4 +1,6 @@
-"""torch.compile for a network's fixed tile shape, with the compiled artifacts kept on disk.
+"""torch.compile for a network's fixed input shape, with the compiled artifacts kept on disk.
+
+Used for Real-ESRGAN's tiles and for the 512x512 aligned faces of GFPGAN and ParseNet.
 
 Compiling Real-ESRGAN x4plus at 256x256 fp16 took 62-72 s on an H100 and made the forward
 1.5x faster (53 -> 81 images/s at batch 8). The compiled kernels are saved with
@@ -35,6 +37,10 @@ log = logging.getLogger(__name__)
 class CompiledNetwork:
     """``network`` compiled for inputs of shape (N, 3, size, size); other shapes run eager.
 
+    ``max_batch=1`` compiles for one item only and runs larger batches item by item: for
+    networks whose batch size cannot be dynamic (StyleGAN's modulated convolutions group by it)
+    or that gain nothing from batching.
+
     On CUDA the result of a call lives in its graph's output buffer until the next call: one
     caller at a time, who reads (or copies) the result before calling again.
     """
@@ -46,8 +52,10 @@ class CompiledNetwork:
         self._compiled = torch.compile(network)
         self._load_artifacts()
         started = time.perf_counter()
-        example = _zeros(max(2, max_batch), size, device, dtype, memory_format)
-        torch._dynamo.mark_dynamic(example, 0)
+        self.dynamic = max_batch > 1  # one graph for every batch size from 2 up
+        example = _zeros(max(2, max_batch) if self.dynamic else 1, size, device, dtype, memory_format)
+        if self.dynamic:
+            torch._dynamo.mark_dynamic(example, 0)
         with torch.inference_mode():
             self._compiled(example)
         self._graphs: dict[int, _Graph] = {}
@@ -70,6 +78,11 @@ class CompiledNetwork:
         graph = self._graphs.get(x.shape[0])
         if graph is not None:
             return graph(x)
+        if not self.dynamic:
+            if x.shape[0] == 1:
+                return self._compiled(x)
+            # each result copied before the next call reuses the output buffer
+            return torch.cat([self(item[None]).clone() for item in x])
         if x.shape[0] == 1:  # see the module's note: one compiled graph for every batch size but 1
             return self._compiled(torch.cat([x, x]))[:1]
         return self._compiled(x)
