@@ -1,6 +1,7 @@
 """The benchmark, in one command, on any CUDA machine (or a small smoke run on the CPU):
 
     python -m bench.run [--out bench/results/NAME.json] [--seconds 8] [--sections served]
+    python -m bench.run --merge A.json B.json --out NAME.json   # sections run one after the other
 
 In one run, on one device: the reference paths (RealESRGANer, GFPGANer) one image at a time;
 our engines' device stage at a fixed tile shape (eager and compiled, TFLOP/s against a matmul
@@ -53,7 +54,14 @@ def main() -> None:
                         help="which parts to run (default: all); 'served' alone takes about half the time")
     parser.add_argument("--cache-dir", type=Path, default=WeightsConfig().resolved_cache_dir(),
                         help="weights and compiled kernels (default: the service's cache)")
+    parser.add_argument("--merge", type=Path, nargs="+", help="instead of measuring: join the reports of "
+                        "sections run one after the other on one machine, and print their table")
     args = parser.parse_args()
+    if args.merge:
+        report = merge([json.loads(path.read_text()) for path in args.merge])
+        _save(report, args.out)
+        print(table(report), file=sys.stderr)
+        return
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     s = settings(cuda, args.seconds)
@@ -91,6 +99,23 @@ def main() -> None:
     _save(report, args.out)
     print(json.dumps(report, indent=2))
     print(table(report), file=sys.stderr)
+
+
+def merge(reports: list[dict]) -> dict:
+    """One report from runs of different sections on the same device and versions (a machine
+    whose commands are cut at ten minutes cannot run them all at once); their walls add up."""
+    first = reports[0]
+    for other in reports[1:]:
+        for key in ("device", "cpus", "versions"):
+            if other[key] != first[key]:
+                raise ValueError(f"the reports differ in {key}: {first[key]} against {other[key]}")
+    merged = {key: first[key] for key in ("device", "cpus", "versions")}
+    merged["settings"] = {**first["settings"], "sections": [s for r in reports for s in r["settings"]["sections"]],
+                          "merged_runs": len(reports)}
+    for report in reports:
+        merged.update({s: report[s] for s in SECTIONS if s in report})
+    merged["wall_s"] = sum(r.get("wall_s", 0.0) for r in reports)
+    return merged
 
 
 def _save(report: dict, out: Path | None) -> None:
@@ -141,8 +166,9 @@ def _stage_rows(eng: dict, settings: dict) -> list[str]:
     faces = eng["faces"][FACE_MODEL]
     for key, r in faces.items():
         if isinstance(r, dict) and "face_ms" in r:
-            rows.append(f"| face stage {key}: restore one face; a face in a batch of {settings['batch']}; parse one "
-                        f"| {r['one_face_ms']:.1f} ms; {r['face_ms']:.1f} ms; {r['parse_one_face_ms']:.1f} ms | | |")
+            rows.append(f"| face stage {key}: restore one face; a face in a batch of {settings['batch']}; "
+                        f"parse one and make its paste mask | {r['one_face_ms']:.1f} ms; {r['face_ms']:.1f} ms; "
+                        f"{r['paste_mask_one_face_ms']:.1f} ms | | |")
     rows += [f"| faces {key} vs fp32 eager, PSNR | {db:.1f} dB | | |" for key, db in faces["psnr_vs_fp32_eager_db"].items()]
     return rows
 

@@ -184,8 +184,8 @@ def test_compiled_face_networks_answer_as_eager_ones_face_by_face(engine, store,
     for face, reference, crop in zip(ours, theirs, crops):
         assert np.abs(face.astype(int) - reference.astype(int)).max() <= 2
         np.testing.assert_array_equal(face, compiled.restore([crop])[0])  # alone as in the batch
-    maps, reference_maps = compiled.parse(theirs), engine.parse(theirs)
-    assert all((m != r).mean() < 1e-3 for m, r in zip(maps, reference_maps))
+    for mask, reference in zip(compiled.paste_masks(theirs), engine.paste_masks(theirs)):
+        assert np.abs(mask - reference).max() < 1e-3
     saved = sorted(p.name.split("-512-")[0] for p in (tmp_path / "compiled").iterdir())
     assert saved == ["GFPGANv1.4", "parsenet"]
 
@@ -194,3 +194,30 @@ def test_face_models_of_one_replica_share_the_detector_and_the_parser(engine, st
     other = load_face_engine("RestoreFormer", store, CPU, share_with=engine)
     assert other.detector is engine.detector and other.parser is engine.parser
     assert other.restorer is not engine.restorer
+
+
+def test_paste_masks_made_on_a_device_equal_facexlibs_opencv_masks():
+    from serve_app.engines.faces import paste_masks_on_device
+
+    rng = np.random.default_rng(0)
+    classes = np.zeros((2, 512, 512), np.uint8)
+    classes[0, 40:470, 60:450] = 1  # a face, with eyes and a neck (not pasted)
+    classes[0, 150:200, 120:220], classes[0, 430:, 200:300] = 4, 14
+    classes[1] = rng.integers(0, 19, (512, 512))  # every class, up to every edge
+    ours = paste_masks_on_device(torch.from_numpy(classes)).numpy()
+    for mask, parsing in zip(ours, classes):
+        np.testing.assert_allclose(mask, geo.parse_mask(parsing), rtol=0, atol=1e-12)
+
+
+def test_pasting_only_the_masks_rectangle_gives_the_whole_canvas_blend_exactly(astronaut_bgr):
+    canvas = cv2.resize(astronaut_bgr, (1024, 1024), interpolation=cv2.INTER_LANCZOS4).astype(np.float64)
+    _, landmarks = geo.faces_of(ASTRONAUT_FACE)
+    face, affine = geo.align_face(astronaut_bgr, landmarks[0])
+    classes = np.zeros((512, 512), np.uint8)
+    classes[60:460, 80:430] = 1
+    mask, inverse = geo.parse_mask(classes), geo.inverse_affine(affine, 2)
+    warped_mask = cv2.warpAffine(mask, inverse, (1024, 1024), flags=cv2.INTER_AREA)[:, :, None]
+    whole = warped_mask * cv2.warpAffine(face.copy(), inverse, (1024, 1024)) + (1 - warped_mask) * canvas
+    geo.paste_face(canvas, face, mask, inverse)
+    assert 0 < (warped_mask > 0).mean() < 0.5
+    np.testing.assert_array_equal(canvas, whole)

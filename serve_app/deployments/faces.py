@@ -1,7 +1,8 @@
 """GPU deployment of the face networks: detect, then restore and parse, each batched across requests.
 
 Under load a face replica answers many requests at once, so every network step batches: the
-detector over same-size pictures, GFPGAN and the parser over the faces of every waiting request.
+detector over same-size pictures, GFPGAN and the parser over the faces of every waiting request
+(on CUDA these two run compiled, face by face, and the paste masks are made there too).
 The two steps run in two device lanes (threads with CUDA streams of their own), so the next
 pictures are searched for faces while the last faces are restored. Aligning the faces is CPU
 work on this replica's small pool; pasting them back, and the background, are the CPU
@@ -68,7 +69,7 @@ class FaceDeployment:
     async def restore(self, work: np.ndarray, face_model: str, strength: float = 1.0,
                       only_center_face: bool = False, aligned: bool = False
                       ) -> tuple[FoundFaces, list[np.ndarray], list[np.ndarray]]:
-        """An 8-bit BGR picture -> its faces, their restored versions and their parse maps."""
+        """An 8-bit BGR picture -> its faces, their restored versions and their paste masks."""
         if face_model not in self.args.face_models:
             raise InvalidOption(f"face_model must be one of {', '.join(self.args.face_models)}")
         if not 0.0 <= strength <= 1.0:  # here, before it can fail a batch shared with others
@@ -81,7 +82,7 @@ class FaceDeployment:
             found = await self.workers.cpu(engine.align, work, detections, only_center_face=only_center_face)
         done = await asyncio.gather(*(self.faces.submit((engine, strength, not aligned, crop))
                                       for crop in found.crops))
-        return found, [face for face, _ in done], [] if aligned else [parsing for _, parsing in done]
+        return found, [face for face, _ in done], [] if aligned else [mask for _, mask in done]
 
     async def _detect_batch(self, items: list[tuple[FaceEngine, np.ndarray]]) -> list[np.ndarray]:
         """One detector pass per model over the pictures of every waiting request (the detector
@@ -97,16 +98,16 @@ class FaceDeployment:
         return results
 
     async def _restore_batch(self, items: list[tuple[FaceEngine, float, bool, np.ndarray]]) -> list[tuple]:
-        """One GFPGAN pass, and one parser pass, per model and strength over the faces of every
-        waiting request."""
+        """One GFPGAN pass, and one parser pass with the paste masks, per model and strength over
+        the faces of every waiting request."""
         self.batch_sizes["restore"][len(items)] += 1
         results: list[tuple | None] = [None] * len(items)
         for indices in group_indices(items, lambda item: (id(item[0]), item[1], item[2])):
-            engine, strength, parse, _ = items[indices[0]]
-            faces, parsings = await self.workers.device(_restore_and_parse, engine, [items[i][3] for i in indices],
-                                                        strength, parse, lane=_RESTORE)
-            for i, face, parsing in zip(indices, faces, parsings):
-                results[i] = (face, parsing)
+            engine, strength, paste, _ = items[indices[0]]
+            faces, masks = await self.workers.device(_restore_and_mask, engine, [items[i][3] for i in indices],
+                                                     strength, paste, lane=_RESTORE)
+            for i, face, mask in zip(indices, faces, masks):
+                results[i] = (face, mask)
         return results
 
     async def stats(self) -> dict:
@@ -119,9 +120,9 @@ def _engine_settings(runtime: RuntimeConfig) -> tuple:
     return runtime.precision, runtime.compile, runtime.limits.max_faces
 
 
-def _restore_and_parse(engine: FaceEngine, crops: list[np.ndarray], strength: float, parse: bool) -> tuple[list, list]:
+def _restore_and_mask(engine: FaceEngine, crops: list[np.ndarray], strength: float, paste: bool) -> tuple[list, list]:
     faces = engine.restore(crops, strength=strength)
-    return faces, engine.parse(faces) if parse else [None] * len(faces)
+    return faces, engine.paste_masks(faces) if paste else [None] * len(faces)
 
 
 def _by_pixels(indices: list[int], pictures: list[np.ndarray], budget: int) -> list[list[int]]:

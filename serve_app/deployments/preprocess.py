@@ -124,9 +124,9 @@ class PreprocessDeployment:
         background = None
         if options.upscaler is not None and not options.aligned:
             background = await self._upscale(pixels, options, upscale, timings)
-        found, restored, parsings = await faces
+        found, restored, masks = await faces
         with _timed(timings, "paste"):
-            result = await self.workers.cpu(paste_faces, pixels, found, restored, parsings, upscale=upscale,
+            result = await self.workers.cpu(paste_faces, pixels, found, restored, masks, upscale=upscale,
                                             aligned=options.aligned, background=background)
         return result.image, result.faces_restored
 

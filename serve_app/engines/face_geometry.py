@@ -19,7 +19,7 @@ FACE_TEMPLATE = np.array(
 _BORDER_FILL = (135, 133, 132)
 # ParseNet's 19 classes -> paste mask (facexlib's MASK_COLORMAP): the face regions are pasted;
 # background, neck, cloth, hair and hat (classes 0, 14, 16, 17, 18) stay as they were.
-_PARSE_TO_MASK = np.array([0, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 0, 255, 0, 0, 0],
+PARSE_TO_MASK = np.array([0, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 0, 255, 0, 0, 0],
                           np.float64)
 MIN_EYE_DISTANCE = 5  # GFPGANer skips faces whose eyes are closer than this many pixels
 
@@ -72,22 +72,37 @@ def inverse_affine(affine: np.ndarray, upscale: float) -> np.ndarray:
     return inverse
 
 
+# facexlib blurs the paste mask twice with this Gaussian (OpenCV's default reflect-101 border).
+MASK_BLUR_SIZE, MASK_BLUR_SIGMA = 101, 11
+MASK_BORDER = 10  # pixels along each edge of the mask set to zero after the blurs
+
+
 def parse_mask(parsing: np.ndarray) -> np.ndarray:
     """A soft 512x512 paste mask in [0, 1] from ParseNet's per-pixel class indices."""
-    mask = _PARSE_TO_MASK[parsing]
-    mask = cv2.GaussianBlur(mask, (101, 101), 11)
-    mask = cv2.GaussianBlur(mask, (101, 101), 11)
-    border = 10
-    mask[:border, :] = 0
-    mask[-border:, :] = 0
-    mask[:, :border] = 0
-    mask[:, -border:] = 0
+    mask = PARSE_TO_MASK[parsing]
+    for _ in range(2):
+        mask = cv2.GaussianBlur(mask, (MASK_BLUR_SIZE, MASK_BLUR_SIZE), MASK_BLUR_SIGMA)
+    b = MASK_BORDER
+    mask[:b, :] = 0
+    mask[-b:, :] = 0
+    mask[:, :b] = 0
+    mask[:, -b:] = 0
     return mask / 255.0
 
 
-def paste_face(canvas: np.ndarray, face: np.ndarray, mask: np.ndarray, inverse: np.ndarray) -> np.ndarray:
-    """Blend one restored face into a float HxWx3 canvas through its warped soft mask."""
+def paste_face(canvas: np.ndarray, face: np.ndarray, mask: np.ndarray, inverse: np.ndarray) -> None:
+    """Blend one restored face into a float64 HxWx3 canvas, in place, through its warped soft mask.
+
+    Only the rectangle where the warped mask is not zero is blended: elsewhere the blend gives the
+    canvas back exactly, and a face covers a small part of a photo (a 1024x1024 canvas: 21 ms for
+    the whole, against a few for the face's rectangle).
+    """
     h, w = canvas.shape[:2]
-    warped_face = cv2.warpAffine(face, inverse, (w, h))
-    warped_mask = cv2.warpAffine(mask, inverse, (w, h), flags=cv2.INTER_AREA)[:, :, None]
-    return warped_mask * warped_face + (1 - warped_mask) * canvas
+    warped_mask = cv2.warpAffine(mask, inverse, (w, h), flags=cv2.INTER_AREA)
+    x, y, width, height = cv2.boundingRect((warped_mask > 0).view(np.uint8))
+    if not width:
+        return
+    warped_face = cv2.warpAffine(face, inverse, (w, h))[y:y + height, x:x + width]
+    weight = warped_mask[y:y + height, x:x + width, None]
+    region = canvas[y:y + height, x:x + width]
+    region[...] = weight * warped_face + (1 - weight) * region
