@@ -68,7 +68,7 @@ def test_paste_back_matches_gfpganer_on_a_real_photo(engine, reference, photo, f
     assert ours.faces_restored == 1 and ours.image.shape == (640, 640, 3)
     np.testing.assert_array_equal(ours.cropped_faces[0], crops[0])
     np.testing.assert_array_equal(ours.restored_faces[0], faces[0])
-    assert np.abs(ours.image.astype(int) - theirs.astype(int)).max() <= 1
+    np.testing.assert_array_equal(ours.image, theirs)  # on the CPU the paste masks are OpenCV's too
 
 
 def test_background_upsampler_callable_matches_gfpganer(engine, reference, store, weights_dir, photo, face_in_photo):
