@@ -191,9 +191,12 @@ def test_compiled_face_networks_answer_as_eager_ones_face_by_face(engine, store,
 
 
 def test_face_models_of_one_replica_share_the_detector_and_the_parser(engine, store):
-    other = load_face_engine("RestoreFormer", store, CPU, share_with=engine)
+    from serve_app.engines.faces import FirstOutput
+
+    other = load_face_engine("RestoreFormer", store, CPU.model_copy(update={"compile": "on"}), share_with=engine)
     assert other.detector is engine.detector and other.parser is engine.parser
-    assert other.restorer is not engine.restorer
+    # RestoreFormer stays eager even where compiling is on (it failed to compile in fp16)
+    assert type(other.restorer) is FirstOutput and other.restorer is not engine.restorer
 
 
 def test_paste_masks_made_on_a_device_equal_facexlibs_opencv_masks():

@@ -316,7 +316,7 @@ def load_face_engine(name: str, store, engine, *, max_faces: int = 20,
 
     ``share_with``: an engine of the same settings whose detector and parser this one uses too
     (they are the same two networks for every face model). Where ``engine`` compiles, so are
-    the restorer and the parser.
+    the parser and a GFPGAN restorer.
     """
     from serve_app.engines.device import resolve_compile, resolve_device, resolve_dtype
     from serve_app.engines.networks import load_network
@@ -330,7 +330,7 @@ def load_face_engine(name: str, store, engine, *, max_faces: int = 20,
     compiled = resolve_compile(engine.compile, device)
     # GFPGANer's call; RestoreFormer takes (and ignores) the keyword too.
     restorer = FirstOutput(load_network(spec, store, device, dtype), return_rgb=False)
-    if compiled:
+    if compiled and spec.arch in _COMPILED_RESTORERS:
         restorer = _compiled(restorer, name, store, device, dtype)
     if share_with is not None:
         detector, parser = share_with.detector, share_with.parser
@@ -341,6 +341,12 @@ def load_face_engine(name: str, store, engine, *, max_faces: int = 20,
         if compiled:
             parser = _compiled(parser, "parsenet", store, device, torch.float32)
     return FaceEngine(restorer, parser, detector, device=device, dtype=dtype, max_faces=max_faces)
+
+
+# Restorer architectures that compile. RestoreFormer in fp16 failed to compile on an H100
+# (torch 2.11: "expected mat1 and mat2 to have the same dtype", in its codebook lookup) while
+# it runs eager; it stays eager.
+_COMPILED_RESTORERS = {"GFPGANv1Clean"}
 
 
 def _compiled(network: nn.Module, name: str, store, device: torch.device, dtype: torch.dtype) -> FaceNetwork:
