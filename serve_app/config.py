@@ -71,8 +71,8 @@ class EngineConfig(_Strict):
     device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     precision: Precision = Field(default="auto", description="auto: fp16 on CUDA, fp32 on CPU.")
     compile: CompileMode = Field(default="auto", description="torch.compile the upscaler's full tiles "
-                                 "and the face restorer and parser; auto: on CUDA only (CUDA graphs "
-                                 "per batch size). Kernels are cached beside the weights.")
+                                 "and the GFPGAN restorer and face parser; auto: on CUDA only (replayed "
+                                 "as CUDA graphs). Kernels are cached beside the weights.")
     tile: TileConfig = TileConfig()
 
 

@@ -20,7 +20,7 @@ _BORDER_FILL = (135, 133, 132)
 # ParseNet's 19 classes -> paste mask (facexlib's MASK_COLORMAP): the face regions are pasted;
 # background, neck, cloth, hair and hat (classes 0, 14, 16, 17, 18) stay as they were.
 PARSE_TO_MASK = np.array([0, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 0, 255, 0, 0, 0],
-                          np.float64)
+                         np.float64)
 MIN_EYE_DISTANCE = 5  # GFPGANer skips faces whose eyes are closer than this many pixels
 
 
@@ -82,12 +82,18 @@ def parse_mask(parsing: np.ndarray) -> np.ndarray:
     mask = PARSE_TO_MASK[parsing]
     for _ in range(2):
         mask = cv2.GaussianBlur(mask, (MASK_BLUR_SIZE, MASK_BLUR_SIZE), MASK_BLUR_SIGMA)
+    return clear_mask_border(mask) / 255.0
+
+
+def clear_mask_border(masks):
+    """Zero the MASK_BORDER pixels along the edges of the last two axes, in place (a numpy
+    array or a torch tensor: one mask or a stack), as facexlib does after its blurs."""
     b = MASK_BORDER
-    mask[:b, :] = 0
-    mask[-b:, :] = 0
-    mask[:, :b] = 0
-    mask[:, -b:] = 0
-    return mask / 255.0
+    masks[..., :b, :] = 0
+    masks[..., -b:, :] = 0
+    masks[..., :, :b] = 0
+    masks[..., :, -b:] = 0
+    return masks
 
 
 def paste_face(canvas: np.ndarray, face: np.ndarray, mask: np.ndarray, inverse: np.ndarray) -> None:
