@@ -59,9 +59,8 @@ def test_compiled_matches_eager_on_a_real_photo_and_a_restart_reuses_its_kernels
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), compiled.forward(tiles), atol=1e-5)
 
 
-def test_every_batch_size_up_to_the_cap_gives_the_networks_answer(tmp_path):
-    # On CUDA each batch size is a captured CUDA graph; on the CPU a batch of one is padded to
-    # two. Either way a call must answer as the network does, batch after batch.
+def _small_network_compiled(tmp_path, max_batch: int):
+    """A small real upscaler on this machine's device, and its CompiledNetwork."""
     import torch
     from realesrgan.archs.srvgg_arch import SRVGGNetCompact
 
@@ -71,8 +70,17 @@ def test_every_batch_size_up_to_the_cap_gives_the_networks_answer(tmp_path):
     device = resolve_device("auto")
     torch.manual_seed(0)
     network = SRVGGNetCompact(num_feat=16, num_conv=4, upscale=4, act_type="prelu").eval().to(device)
-    compiled = CompiledNetwork(network, size=32, max_batch=3, device=device, dtype=torch.float32,
+    compiled = CompiledNetwork(network, size=32, max_batch=max_batch, device=device, dtype=torch.float32,
                                memory_format=torch.contiguous_format, artifacts=tmp_path / "compiled.bin")
+    return network, compiled, device
+
+
+def test_every_batch_size_up_to_the_cap_gives_the_networks_answer(tmp_path):
+    # On CUDA each batch size is a captured CUDA graph; on the CPU a batch of one is padded to
+    # two. Either way a call must answer as the network does, batch after batch.
+    import torch
+
+    network, compiled, device = _small_network_compiled(tmp_path, max_batch=3)
     assert sorted(compiled._graphs) == ([1, 2, 3] if device.type == "cuda" else [])
     with torch.inference_mode():
         for batch in (3, 1, 2, 1, 3):  # every size, in an order that reuses the shared graph memory
@@ -86,16 +94,8 @@ def test_a_network_compiled_for_one_item_runs_a_batch_item_by_item(tmp_path):
     # max_batch=1: one static compile (one CUDA graph); each result is copied out before the
     # next item's call reuses the output buffer.
     import torch
-    from realesrgan.archs.srvgg_arch import SRVGGNetCompact
 
-    from serve_app.engines.compiled import CompiledNetwork
-    from serve_app.engines.device import resolve_device
-
-    device = resolve_device("auto")
-    torch.manual_seed(0)
-    network = SRVGGNetCompact(num_feat=16, num_conv=4, upscale=4, act_type="prelu").eval().to(device)
-    compiled = CompiledNetwork(network, size=32, max_batch=1, device=device, dtype=torch.float32,
-                               memory_format=torch.contiguous_format, artifacts=tmp_path / "compiled.bin")
+    network, compiled, device = _small_network_compiled(tmp_path, max_batch=1)
     assert sorted(compiled._graphs) == ([1] if device.type == "cuda" else [])
     with torch.inference_mode():
         x = torch.rand(3, 3, 32, 32, device=device)
