@@ -11,7 +11,8 @@ from realesrgan import RealESRGANer
 from conftest import ASTRONAUT_FACE
 from serve_app.config import EngineConfig, TileConfig
 from serve_app.engines import face_geometry as geo
-from serve_app.engines.faces import RetinaFaceDetector, load_face_engine, prior_boxes
+from serve_app.engines.face_detection import RetinaFaceDetector, prior_boxes
+from serve_app.engines.faces import load_face_engine
 from serve_app.engines.networks import build_network
 from serve_app.engines.upscaler import load_upscaler
 from serve_app.weights import get_spec

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from serve_app.engines import face_geometry as geo
+from serve_app.engines.face_detection import RetinaFaceDetector
 
 # BGR uint8 pictures -> for each, N x 15 detections (box, score, 5 landmarks)
 Detector = Callable[[list[np.ndarray]], list[np.ndarray]]
@@ -53,84 +54,6 @@ class FaceResult:
     @property
     def faces_skipped(self) -> int:
         return self.faces_detected - self.faces_restored
-
-
-class RetinaFaceDetector:
-    """facexlib's RetinaFace with GFPGANer's thresholds, batched over pictures of one size.
-
-    It follows ``RetinaFace.detect_faces`` step for step (same network, priors, decoding and
-    NMS, so the same answer), with two savings: the priors are built once per picture size
-    (facexlib rebuilds them in a Python loop per call, 11 ms at 512x512 on an H100 host), and
-    only the rows over the threshold are decoded and copied off the device.
-    """
-
-    def __init__(self, network: nn.Module, threshold: float = 0.97, nms_threshold: float = 0.4):
-        self.network, self.threshold, self.nms_threshold = network, threshold, nms_threshold
-        self._priors: dict[tuple[int, int], torch.Tensor] = {}
-
-    @torch.inference_mode()
-    def __call__(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """8-bit BGR pictures -> for each, N x 15 detections (box, score, 5 landmarks)."""
-        answers: list[np.ndarray | None] = [None] * len(images)
-        by_size: dict[tuple, list[int]] = {}
-        for i, img in enumerate(images):
-            by_size.setdefault(img.shape, []).append(i)
-        for indices in by_size.values():
-            for i, found in zip(indices, self._detect_same_size([images[i] for i in indices])):
-                answers[i] = found
-        return answers
-
-    def _detect_same_size(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        from facexlib.detection.retinaface_utils import decode, decode_landm
-        from torchvision.ops import nms
-
-        net = self.network
-        height, width = images[0].shape[:2]
-        batch = torch.from_numpy(np.stack(images)).to(net.device).permute(0, 3, 1, 2).float()
-        locations, confidences, landmarks = net(batch - net.mean_tensor)
-        priors, variance = self._priors_for(height, width), net.cfg["variance"]
-        scale = torch.tensor([width, height] * 5, dtype=torch.float32, device=net.device)
-        answers = []
-        for loc, conf, marks in zip(locations, confidences, landmarks):
-            keep = conf[:, 1] > self.threshold  # only these few rows leave the device
-            boxes = (decode(loc[keep], priors[keep], variance) * scale[:4]).cpu().numpy()
-            marks = (decode_landm(marks[keep], priors[keep], variance) * scale).cpu().numpy()
-            scores = conf[keep, 1].cpu().numpy()
-            # From here exactly as facexlib, on the CPU: saturated scores tie, and the order
-            # of ties decides which of the overlapping boxes survive.
-            order = scores.argsort()[::-1]
-            found = np.hstack((boxes[order], scores[order, None])).astype(np.float32, copy=False)
-            kept = nms(torch.from_numpy(found[:, :4]), torch.from_numpy(found[:, 4]), self.nms_threshold).numpy()
-            answers.append(np.concatenate((found[kept], marks[order][kept]), axis=1))
-        return answers
-
-    def _priors_for(self, height: int, width: int) -> torch.Tensor:
-        if (height, width) not in self._priors:
-            if len(self._priors) >= _PRIOR_SIZES_KEPT:
-                self._priors.pop(next(iter(self._priors)))
-            boxes = prior_boxes(self.network.cfg, height, width)
-            self._priors[height, width] = torch.from_numpy(boxes).to(self.network.device)
-        return self._priors[height, width]
-
-
-_PRIOR_SIZES_KEPT = 16  # picture sizes whose priors stay on the device
-
-
-def prior_boxes(cfg: dict, height: int, width: int) -> np.ndarray:
-    """facexlib's ``PriorBox(cfg, (height, width)).forward()``, vectorised: the same anchors
-    (centre x, centre y, width, height; relative to the picture) in the same order, computed in
-    float64 as Python does there, then stored as float32."""
-    rows = []
-    for step, sizes in zip(cfg["steps"], cfg["min_sizes"]):
-        rows_n, cols_n = -(-height // step), -(-width // step)
-        cy, cx = np.meshgrid((np.arange(rows_n) + 0.5) * step / height, (np.arange(cols_n) + 0.5) * step / width,
-                             indexing="ij")
-        anchors = np.empty((rows_n, cols_n, len(sizes), 4))
-        anchors[..., 0], anchors[..., 1] = cx[..., None], cy[..., None]
-        anchors[..., 2], anchors[..., 3] = np.array(sizes) / width, np.array(sizes) / height
-        rows.append(anchors.reshape(-1, 4))
-    boxes = np.concatenate(rows).astype(np.float32)
-    return np.clip(boxes, 0, 1) if cfg["clip"] else boxes
 
 
 class FirstOutput(nn.Module):
