@@ -108,6 +108,8 @@ def paste_face(canvas: np.ndarray, face: np.ndarray, mask: np.ndarray, inverse: 
     x, y, width, height = cv2.boundingRect((warped_mask > 0).view(np.uint8))
     if not width:
         return
+    # Warped whole, then cut: warping only the rectangle (a shifted affine) rounds OpenCV's
+    # fixed-point coordinates differently, and pixels would move from GFPGANer's.
     warped_face = cv2.warpAffine(face, inverse, (w, h))[y:y + height, x:x + width]
     weight = warped_mask[y:y + height, x:x + width, None]
     region = canvas[y:y + height, x:x + width]

@@ -135,7 +135,10 @@ class FaceEngine:
     @torch.inference_mode()
     def paste_masks(self, faces: list[np.ndarray]) -> list[np.ndarray]:
         """The soft 512x512 paste masks (float64 in [0, 1]) of restored faces: ParseNet's classes
-        in one batch, then facexlib's mask of them (``geo.parse_mask``; on a GPU, made there)."""
+        in one batch, then facexlib's mask of them (``geo.parse_mask``; on a GPU, made there).
+        They stay float64 (2 MB a face to the CPU deployment, against 256 KB of classes): in
+        float32 they would differ from OpenCV's by about 1e-8, and the truncating blend would put
+        many more pixels a level apart from GFPGANer's."""
         if not faces:
             return []
         classes = self.parser(_faces_to_tensor(faces, self.device)).argmax(dim=1)
@@ -269,9 +272,10 @@ _COMPILED_RESTORERS = {"GFPGANv1Clean"}
 
 def _compiled(network: nn.Module, name: str, store, device: torch.device, dtype: torch.dtype) -> FaceNetwork:
     """``network`` compiled for one aligned face (a CUDA graph on the GPU); a batch goes face by
-    face. Measured on an H100: GFPGAN fp16 takes 10.2 ms a face eager (6.7 ms a face in a batch
-    of 8), 2.6 ms compiled alone and 3.1 ms a face compiled in a batch of 4; its modulated
-    convolutions group by the batch, so each batch size would be a compile of its own."""
+    face. H100, benchmark run m: GFPGAN fp16 took 19.2 ms for one face eager (6.9 ms a face in
+    a batch of 8), 3.3 ms compiled, and 2.9 ms a face compiled in a batch of 8, so batching
+    gains little; its modulated convolutions group by the batch, so each batch size would be a
+    compile of its own."""
     from serve_app.engines.compiled import CompiledNetwork, artifacts_path
 
     artifacts = artifacts_path(store.config.resolved_cache_dir(), name, device, dtype, geo.FACE_SIZE)
