@@ -169,6 +169,12 @@ def _stage_rows(eng: dict, settings: dict) -> list[str]:
             rows.append(f"| face stage {key}: restore one face; a face in a batch of {settings['batch']}; "
                         f"parse one and make its paste mask | {r['one_face_ms']:.1f} ms; {r['face_ms']:.1f} ms; "
                         f"{r['paste_mask_one_face_ms']:.1f} ms | | |")
+            if "detect_one_photo_ms" in r:  # reports before the detector was timed lack it
+                graph = r.get("detector_graph_max_abs_diff")
+                rows.append(f"| face stage {key}: detect faces in one 512x512 photo; a photo in a batch of "
+                            f"{settings['batch']} | {r['detect_one_photo_ms']:.1f} ms; "
+                            f"{r['detect_photo_in_batch_ms']:.1f} ms | | "
+                            f"{'' if graph is None else f'graph vs plain: max diff {graph:.1g}'} |")
     rows += [f"| faces {key} vs fp32 eager, PSNR | {db:.1f} dB | | |" for key, db in faces["psnr_vs_fp32_eager_db"].items()]
     return rows
 

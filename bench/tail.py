@@ -73,7 +73,8 @@ def overlap(args) -> dict:
 
     from bench.common import weights_in_use
     from serve_app.config import EngineConfig, TileConfig, WeightsConfig
-    from serve_app.engines.compiled import _Graph, _zeros
+    from serve_app.engines.compiled import _zeros
+    from serve_app.engines.cuda_graphs import CapturedCall
     from serve_app.engines.upscaler import load_upscaler
     from serve_app.weights import WeightsStore
 
@@ -84,7 +85,7 @@ def overlap(args) -> dict:
                            tile=TileConfig(size=256, batch_size=8)))
     first = engine.run._graphs
     pool, warm_up = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
-    second = {b: _Graph(engine.run._compiled, _zeros(b, 256, torch.device("cuda"), torch.half, torch.channels_last),
+    second = {b: CapturedCall(engine.run._compiled, _zeros(b, 256, torch.device("cuda"), torch.half, torch.channels_last),
                         pool, warm_up) for b in sorted(first, reverse=True)}
     streams = torch.cuda.Stream(), torch.cuda.Stream()
 

@@ -93,6 +93,11 @@ class RuntimeConfig(_Strict):
                                      "replica's detector and restorer batches.")
     face_detect_batch_pixels: int = Field(default=4 * 1024 * 1024, gt=0, description="Pixels the face "
                                           "detector takes in one pass (bounds its GPU memory with large photos).")
+    face_detect_graphs: int = Field(default=16, ge=0, description="Batch shapes (picture size and "
+                                    "count) whose face detection is replayed from a CUDA graph where "
+                                    "the engines compile: the most recently used are kept, a shape gets "
+                                    "its graph when it comes a second time, and a pass of more than "
+                                    "face_detect_batch_pixels runs plainly. 0: none.")
     request_timeout_s: float = Field(default=120.0, gt=0)
     cpu_threads: int = Field(default=2, gt=0, description="Threads per CPU replica for decode, tiles, "
                              "paste-back and encode (OpenCV and numpy release the GIL).")

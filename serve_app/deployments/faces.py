@@ -50,12 +50,15 @@ class FaceDeployment:
         freeze_heap()
 
     def _load(self, name: str) -> FaceEngine:
-        return load_face_engine(name, self.store, self.runtime.engine(self.args.device),
-                                max_faces=self.runtime.limits.max_faces, share_with=self.engines.any_loaded())
+        runtime = self.runtime
+        return load_face_engine(name, self.store, runtime.engine(self.args.device), max_faces=runtime.limits.max_faces,
+                                detect_graphs=runtime.face_detect_graphs,
+                                detect_graph_pixels=runtime.face_detect_batch_pixels,
+                                share_with=self.engines.any_loaded())
 
     def reconfigure(self, user_config: dict) -> None:
         runtime = RuntimeConfig.model_validate(user_config)
-        # Engines hold their number format, compiled networks and face cap.
+        # Engines hold their number format, compiled networks and graphs, and face cap.
         reload = _engine_settings(runtime) != _engine_settings(self.runtime)
         self.runtime = runtime
         self.memory_fraction = cap_gpu_memory(self.device, runtime.gpu_memory_fraction)
@@ -117,7 +120,8 @@ class FaceDeployment:
 
 
 def _engine_settings(runtime: RuntimeConfig) -> tuple:
-    return runtime.precision, runtime.compile, runtime.limits.max_faces
+    return (runtime.precision, runtime.compile, runtime.limits.max_faces, runtime.face_detect_graphs,
+            runtime.face_detect_batch_pixels)
 
 
 def _restore_and_mask(engine: FaceEngine, crops: list[np.ndarray], strength: float, paste: bool) -> tuple[list, list]:

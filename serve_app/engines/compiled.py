@@ -12,10 +12,8 @@ Dynamo specialises a size of 1, so on the CPU a batch of one is padded to two ra
 compiled twice.
 
 On CUDA every batch size from 1 to ``max_batch`` is then captured once as a CUDA graph and
-replayed. The compiled forward launches about a thousand kernels from Python: 12-14 ms of the
-calling thread's CPU per batch on an H100 host, holding the GIL while the replica's event loop
-waits to take in requests and hand back results. A replay launches them all in one call
-(0.5-0.6 ms) and gives the same bytes. A batch of one gets a graph of its own (13 ms on the
+replayed (see ``cuda_graphs``): for x4plus a replay takes 0.5-0.6 ms of CPU where the compiled
+call took 12-14 ms, and gives the same bytes. A batch of one gets a graph of its own (13 ms on the
 H100 against 24 ms padded to two; 12 ms with cuDNN's timed choice of algorithms), worth one
 more compile: about 110 s for both on a fresh H100, which the saved artifacts spare later
 starts.
@@ -30,6 +28,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from serve_app.engines.cuda_graphs import CapturedCall
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +58,14 @@ class CompiledNetwork:
             torch._dynamo.mark_dynamic(example, 0)
         with torch.inference_mode():
             self._compiled(example)
-        self._graphs: dict[int, _Graph] = {}
+        self._graphs: dict[int, CapturedCall] = {}
         if device.type == "cuda":
-            pool = torch.cuda.graph_pool_handle()  # safe to share: replays never overlap (see _Graph)
+            pool = torch.cuda.graph_pool_handle()  # safe to share: replays never overlap (see CapturedCall)
             # One warm-up stream for all: the caching allocator keeps each stream's blocks apart.
             warm_up = torch.cuda.Stream(device)
             with _cudnn_benchmark():
                 for batch in range(max_batch, 0, -1):  # largest first: smaller graphs reuse its blocks
-                    self._graphs[batch] = _Graph(self._compiled, _zeros(batch, size, device, dtype, memory_format),
+                    self._graphs[batch] = CapturedCall(self._compiled, _zeros(batch, size, device, dtype, memory_format),
                                                  pool, warm_up)
             torch.cuda.empty_cache()  # the warm-ups' blocks; the graphs keep their own pool
         log.info("compiled %s for %dx%d tiles in %.1f s (%d CUDA graphs)", type(network).__name__, size, size,
@@ -101,34 +101,6 @@ class CompiledNetwork:
         with os.fdopen(fd, "wb") as f:
             f.write(saved[0])
         os.replace(tmp, self.artifacts)  # whole or not at all, as the weights
-
-
-class _Graph:
-    """One batch size of the compiled network, captured as a CUDA graph: a call copies the batch
-    into the graph's input buffer, replays it on the current stream and returns its output buffer.
-
-    The graphs of one network share a memory pool, so one graph's replay may overwrite another's
-    output: safe because calls never overlap and each result is read before the next call.
-    """
-
-    def __init__(self, forward, example: torch.Tensor, pool, warm_up: torch.cuda.Stream):
-        self.input = example
-        with torch.inference_mode():
-            # Warm-up outside the capture, on a side stream as PyTorch asks: Triton's and
-            # cuDNN's first-call work (tuning, workspace allocation) must not be recorded.
-            warm_up.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(warm_up):
-                forward(self.input)
-            torch.cuda.current_stream().wait_stream(warm_up)
-            self.graph = torch.cuda.CUDAGraph()
-            # thread_local: another thread's CUDA call during the capture is not an error
-            with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-                self.output = forward(self.input)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.input.copy_(x)
-        self.graph.replay()
-        return self.output
 
 
 def _cudnn_benchmark():

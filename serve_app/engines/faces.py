@@ -231,13 +231,14 @@ def _faces_to_tensor(faces: list[np.ndarray], device: torch.device) -> torch.Ten
     return x.div_(255).sub_(0.5).div_(0.5).contiguous()
 
 
-def load_face_engine(name: str, store, engine, *, max_faces: int = 20,
-                     share_with: FaceEngine | None = None) -> FaceEngine:
+def load_face_engine(name: str, store, engine, *, max_faces: int = 20, detect_graphs: int = 0,
+                     detect_graph_pixels: int = 0, share_with: FaceEngine | None = None) -> FaceEngine:
     """The registry face model ``name`` with RetinaFace and ParseNet, on ``engine``'s device.
 
     ``share_with``: an engine of the same settings whose detector and parser this one uses too
     (they are the same two networks for every face model). Where ``engine`` compiles, so are
-    the parser and a GFPGAN restorer.
+    the parser and a GFPGAN restorer, and the detector keeps up to ``detect_graphs`` CUDA
+    graphs of passes of at most ``detect_graph_pixels`` pixels (see ``RetinaFaceDetector``).
     """
     from serve_app.engines.device import resolve_compile, resolve_device, resolve_dtype
     from serve_app.engines.networks import load_network
@@ -257,7 +258,9 @@ def load_face_engine(name: str, store, engine, *, max_faces: int = 20,
         detector, parser = share_with.detector, share_with.parser
     else:
         # Detection and parsing stay in fp32, as GFPGANer runs them.
-        detector = RetinaFaceDetector(load_network(get_spec("retinaface_resnet50"), store, device))
+        detector = RetinaFaceDetector(load_network(get_spec("retinaface_resnet50"), store, device),
+                                      graphs=detect_graphs if compiled and device.type == "cuda" else 0,
+                                      graph_pixels=detect_graph_pixels)
         parser = FirstOutput(load_network(get_spec("parsenet"), store, device))
         if compiled:
             parser = _compiled(parser, "parsenet", store, device, torch.float32)

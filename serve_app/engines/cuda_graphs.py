@@ -1,0 +1,112 @@
+"""CUDA graphs: a call on a fixed input shape, captured once and then replayed.
+
+A network run from Python launches one kernel per operation, and the launching thread holds
+the GIL all along: about a thousand launches (12-14 ms of CPU) for compiled x4plus, 8 ms for
+RetinaFace at 512x512 on an H100 host. A replay launches them all in one call, so the GPU
+replicas' event loops keep the GIL to take in requests and hand back results.
+
+Captures and replays of one process take turns (``_TURNS``). For the whole of a capture,
+PyTorch holds the default CUDA generator in capture mode, and a replay in another thread of a
+graph that draws random numbers (GFPGAN's noise injection does) then fails with "Offset
+increment outside graph capture encountered unexpectedly": the face replica's detector lane
+captures while its restorer lane replays (H100, benchmark run n, first try).
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+
+
+class CapturedCall:
+    """``forward`` on one input shape as a CUDA graph: a call copies the input into the graph's
+    input buffer, replays it on the current stream and returns the graph's output buffers.
+
+    Graphs may share a memory pool, so one graph's replay may overwrite another's output: safe
+    when calls never overlap and each result is read before the next call.
+    """
+
+    def __init__(self, forward: Callable, example: torch.Tensor, pool, warm_up: torch.cuda.Stream):
+        self.input = example
+        with torch.inference_mode():
+            # Warm-up outside the capture, on a side stream as PyTorch asks: Triton's and
+            # cuDNN's first-call work (tuning, workspace allocation) must not be recorded.
+            warm_up.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(warm_up):
+                forward(self.input)
+            torch.cuda.current_stream().wait_stream(warm_up)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: another thread's CUDA call during the capture is not an error
+            with _TURNS, torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+                self.output = forward(self.input)
+
+    def __call__(self, x: torch.Tensor):
+        self.input.copy_(x)
+        with _TURNS:  # held while the replay is launched, not while the GPU runs it
+            self.graph.replay()
+        return self.output
+
+
+_TURNS = threading.Lock()  # see the module's note
+
+
+class GraphsByShape:
+    """``forward`` replayed from a CUDA graph per input shape, for inputs whose shapes recur.
+
+    A shape gets its graph the second time it comes (a one-off picture size is not worth a
+    capture, which costs about two plain calls); the ``keep`` most recently used graphs are
+    kept. Inputs of more than ``max_elements`` elements run as plain calls: there the GPU time
+    dwarfs the launches, and a graph would hold their working memory for good.
+
+    ``capture(forward, example)`` makes a graph: by default a ``CapturedCall`` in a memory pool
+    that all this object's graphs share. Not thread-safe: one caller (a device lane) at a time,
+    who reads the result before the next call (see ``CapturedCall``).
+    """
+
+    def __init__(self, forward: Callable, *, keep: int, max_elements: int,
+                 capture: Callable[[Callable, torch.Tensor], Callable] | None = None):
+        self.forward, self.keep, self.max_elements = forward, keep, max_elements
+        self.capture = capture or _SharedPoolCapture()
+        self._graphs: OrderedDict[tuple, Callable] = OrderedDict()
+        self._seen_once: OrderedDict[tuple, None] = OrderedDict()
+
+    def __call__(self, x: torch.Tensor):
+        key = (tuple(x.shape), x.dtype, x.stride())
+        graph = self._graphs.get(key)
+        if graph is not None:
+            self._graphs.move_to_end(key)
+            return graph(x)
+        if not self.keep or x.numel() > self.max_elements or not self._recurs(key):
+            return self.forward(x)
+        if len(self._graphs) >= self.keep:
+            self._graphs.popitem(last=False)  # its blocks stay in the pool for the next capture
+        graph = self._graphs[key] = self.capture(self.forward, torch.zeros_like(x))
+        return graph(x)
+
+    def shapes(self) -> list[tuple]:
+        """The input shapes that have a graph now, least recently used first."""
+        return [shape for shape, _, _ in self._graphs]
+
+    def _recurs(self, key: tuple) -> bool:
+        """Whether ``key`` came before (and is remembered); remembers it otherwise."""
+        if key in self._seen_once:
+            del self._seen_once[key]
+            return True
+        self._seen_once[key] = None
+        if len(self._seen_once) > 4 * self.keep:
+            self._seen_once.popitem(last=False)
+        return False
+
+
+class _SharedPoolCapture:
+    """``CapturedCall``s in one memory pool, warmed up on one side stream."""
+
+    def __init__(self):
+        self._pool = self._warm_up = None
+
+    def __call__(self, forward: Callable, example: torch.Tensor) -> CapturedCall:
+        if self._pool is None:
+            self._pool, self._warm_up = torch.cuda.graph_pool_handle(), torch.cuda.Stream(example.device)
+        return CapturedCall(forward, example, self._pool, self._warm_up)
