@@ -222,6 +222,42 @@ def test_pasting_only_the_masks_rectangle_gives_the_whole_canvas_blend_exactly(a
     mask, inverse = geo.parse_mask(classes), geo.inverse_affine(affine, 2)
     warped_mask = cv2.warpAffine(mask, inverse, (1024, 1024), flags=cv2.INTER_AREA)[:, :, None]
     whole = warped_mask * cv2.warpAffine(face.copy(), inverse, (1024, 1024)) + (1 - warped_mask) * canvas
-    geo.paste_face(canvas, face, mask, inverse)
+    patch = geo.face_patch(mask, inverse, (1024, 1024))
+    x, y, width, height = patch.rect
+    window = canvas[y - 5:y + height + 7, x - 3:x + width + 2].copy()  # as a window over two faces
+    geo.blend_face(window, (x - 3, y - 5), face, patch, inverse)
+    canvas[y - 5:y + height + 7, x - 3:x + width + 2] = window
     assert 0 < (warped_mask > 0).mean() < 0.5
     np.testing.assert_array_equal(canvas, whole)
+
+
+def _whole_canvas_paste(canvas: np.ndarray, faces, masks, inverses) -> np.ndarray:
+    """facexlib's paste-back as it is written: every face blended over the whole float64 canvas."""
+    h, w = canvas.shape[:2]
+    blended = canvas.astype(np.float64)
+    for face, mask, inverse in zip(faces, masks, inverses):
+        weight = cv2.warpAffine(mask, inverse, (w, h), flags=cv2.INTER_AREA)[:, :, None]
+        blended = weight * cv2.warpAffine(face, inverse, (w, h)) + (1 - weight) * blended
+    return blended.astype(canvas.dtype)
+
+
+def test_faces_overlapping_or_over_the_edges_paste_as_over_the_whole_canvas(astronaut_bgr):
+    from serve_app.engines.faces import FoundFaces, paste_faces
+
+    _, landmarks = geo.faces_of(ASTRONAUT_FACE)
+    face, affine = geo.align_face(astronaut_bgr, landmarks[0])
+    classes = np.zeros((512, 512), np.uint8)
+    classes[60:460, 80:430] = 1
+    mask = geo.parse_mask(classes)
+    # the photo's face, one overlapping it, one past the bottom-right edge, one past the top-left
+    affines = [affine + np.array([[0, 0, dx], [0, 0, dy]]) for dx, dy in ((0, 0), (-60, -40), (-560, -520),
+                                                                          (400, 230))]
+    faces = [np.roll(face, 40 * i, axis=1) for i in range(len(affines))]
+    found = FoundFaces([face] * len(affines), affines, len(affines))
+    for picture in (astronaut_bgr, (astronaut_bgr.astype(np.uint16) * 257)):
+        ours = paste_faces(picture, found, faces, [mask] * len(faces), upscale=2).image
+        canvas = cv2.resize(picture, (1024, 1024), interpolation=cv2.INTER_LANCZOS4)
+        scaled = faces if picture.dtype == np.uint8 else [f.astype(np.float32) * (65535.0 / 255.0) for f in faces]
+        expected = _whole_canvas_paste(canvas, scaled, [mask] * len(faces),
+                                       [geo.inverse_affine(a, 2) for a in affines])
+        np.testing.assert_array_equal(ours, expected)

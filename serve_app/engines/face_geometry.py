@@ -6,6 +6,8 @@ so one engine can serve concurrent requests.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
@@ -96,21 +98,54 @@ def clear_mask_border(masks):
     return masks
 
 
-def paste_face(canvas: np.ndarray, face: np.ndarray, mask: np.ndarray, inverse: np.ndarray) -> None:
-    """Blend one restored face into a float64 HxWx3 canvas, in place, through its warped soft mask.
+@dataclass
+class FacePatch:
+    """Where a restored face goes in the picture: the rectangle (x, y, width, height) where its
+    warped soft mask is not zero, the mask cut to it (height x width x 1, float64), and the
+    warp's reach (the picture's top-left part that holds the whole face, width x height)."""
 
-    Only the rectangle where the warped mask is not zero is blended: elsewhere the blend gives the
-    canvas back exactly, and a face covers a small part of a photo (a 1024x1024 canvas: 21 ms for
-    the whole, against a few for the face's rectangle).
+    rect: tuple[int, int, int, int]
+    weight: np.ndarray
+    reach: tuple[int, int]
+
+
+def face_patch(mask: np.ndarray, inverse: np.ndarray, size: tuple[int, int]) -> FacePatch | None:
+    """The patch of a 512x512 soft ``mask`` warped by ``inverse`` into a picture of ``size``
+    (width, height), or None where none of it lands in the picture.
+
+    Outside the rectangle facexlib's whole-canvas blend gives the canvas back exactly, and a
+    face covers a small part of a photo, so only the rectangle is blended (and only the faces'
+    rectangles are held in float64: an 8192x8192 canvas would take 1.6 GB). The warps stop at
+    the face's bottom-right corner: OpenCV computes each pixel from its own coordinates, so
+    the top-left part of a warp is exactly the whole warp's, while a window elsewhere (a shifted
+    affine) rounds its fixed-point coordinates differently and would move pixels from GFPGANer's.
     """
-    h, w = canvas.shape[:2]
-    warped_mask = cv2.warpAffine(mask, inverse, (w, h), flags=cv2.INTER_AREA)
-    x, y, width, height = cv2.boundingRect((warped_mask > 0).view(np.uint8))
+    side = mask.shape[0]
+    corners = np.array([[[-1.0, -1.0], [side + 1.0, -1.0], [-1.0, side + 1.0], [side + 1.0, side + 1.0]]])
+    far = cv2.transform(corners, inverse)[0].max(axis=0)  # bilinear reach of the mask, plus a pixel
+    reach = (min(size[0], int(np.ceil(far[0])) + 2), min(size[1], int(np.ceil(far[1])) + 2))
+    if reach[0] <= 0 or reach[1] <= 0:
+        return None
+    warped = cv2.warpAffine(mask, inverse, reach, flags=cv2.INTER_AREA)
+    x, y, width, height = cv2.boundingRect((warped > 0).view(np.uint8))
     if not width:
-        return
-    # Warped whole, then cut: warping only the rectangle (a shifted affine) rounds OpenCV's
-    # fixed-point coordinates differently, and pixels would move from GFPGANer's.
-    warped_face = cv2.warpAffine(face, inverse, (w, h))[y:y + height, x:x + width]
-    weight = warped_mask[y:y + height, x:x + width, None]
-    region = canvas[y:y + height, x:x + width]
-    region[...] = weight * warped_face + (1 - weight) * region
+        return None
+    return FacePatch((x, y, width, height), warped[y:y + height, x:x + width, None].copy(), reach)
+
+
+def covering_rect(patches: list[FacePatch]) -> tuple[int, int, int, int]:
+    """The smallest rectangle (x0, y0, x1, y1) holding every patch."""
+    return (min(p.rect[0] for p in patches), min(p.rect[1] for p in patches),
+            max(p.rect[0] + p.rect[2] for p in patches), max(p.rect[1] + p.rect[3] for p in patches))
+
+
+def blend_face(window: np.ndarray, origin: tuple[int, int], face: np.ndarray, patch: FacePatch,
+               inverse: np.ndarray) -> None:
+    """Blend one restored face through its patch into ``window``, in place: the float64 part of
+    the picture whose top-left corner is at ``origin`` (x, y), holding the patch's rectangle."""
+    x, y, width, height = patch.rect
+    warped_face = cv2.warpAffine(face, inverse, patch.reach)[y:y + height, x:x + width]
+    region = window[y - origin[1]:y - origin[1] + height, x - origin[0]:x - origin[0] + width]
+    # facexlib's weight * face + (1 - weight) * canvas, in place: the same products and sum
+    region *= 1 - patch.weight
+    region += patch.weight * warped_face

@@ -165,21 +165,29 @@ def paste_faces(image: np.ndarray, found: FoundFaces, restored: list[np.ndarray]
 def _paste(canvas: np.ndarray, found: FoundFaces, restored: list[np.ndarray], masks: list[np.ndarray],
            upscale: float) -> np.ndarray:
     dtype, gray = canvas.dtype, canvas.ndim == 2
-    alpha = canvas[:, :, 3:] if canvas.ndim == 3 and canvas.shape[2] == 4 else None
-    colour = cv2.cvtColor(canvas, cv2.COLOR_GRAY2BGR) if gray else canvas[:, :, :3]
+    colour = cv2.cvtColor(canvas, cv2.COLOR_GRAY2BGR) if gray else canvas[:, :, :3]  # a view: pasted in place
+    size = (canvas.shape[1], canvas.shape[0])
     # Faces are 8-bit; a 16-bit canvas gets them at its own range.
     face_range = 65535.0 / 255.0 if dtype == np.uint16 else 1.0
-    blended = colour.astype(np.float64)
+    placed = []
     for face, mask, affine in zip(restored, masks, found.affines):
-        face = face if face_range == 1.0 else face.astype(np.float32) * face_range
-        geo.paste_face(blended, face, mask, geo.inverse_affine(affine, upscale))
+        inverse = geo.inverse_affine(affine, upscale)
+        patch = geo.face_patch(mask, inverse, size)
+        if patch is not None:
+            placed.append((face if face_range == 1.0 else face.astype(np.float32) * face_range, patch, inverse))
+    if not placed:
+        return canvas
+    # Faces are blended one after the other in float64, as facexlib blends them over the whole
+    # canvas; outside their rectangles that leaves every pixel as it was.
+    x0, y0, x1, y1 = geo.covering_rect([patch for _, patch, _ in placed])
+    window = colour[y0:y1, x0:x1].astype(np.float64)
+    for face, patch, inverse in placed:
+        geo.blend_face(window, (x0, y0), face, patch, inverse)
     # As facexlib: truncate, do not round, so the result matches GFPGANer's (byte for byte with
     # masks made on the CPU; the device's sums may round a mask's last bit apart, and a pixel
     # then truncates one level apart).
-    result = blended.astype(dtype)
-    if gray:
-        return cv2.cvtColor(result, cv2.COLOR_BGR2GRAY)
-    return np.concatenate([result, alpha], axis=2) if alpha is not None else result
+    colour[y0:y1, x0:x1] = window.astype(dtype)
+    return cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY) if gray else canvas
 
 
 def paste_masks_on_device(classes: torch.Tensor) -> torch.Tensor:
