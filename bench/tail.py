@@ -85,8 +85,9 @@ def overlap(args) -> dict:
                            tile=TileConfig(size=256, batch_size=8)))
     first = engine.run._graphs
     pool, warm_up = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
-    second = {b: CapturedCall(engine.run._compiled, _zeros(b, 256, torch.device("cuda"), torch.half, torch.channels_last),
-                        pool, warm_up) for b in sorted(first, reverse=True)}
+    second = {b: CapturedCall(engine.run._compiled, _zeros(b, 256, torch.device("cuda"), torch.half,
+                                                        torch.channels_last), pool, warm_up)
+              for b in sorted(first, reverse=True)}
     streams = torch.cuda.Stream(), torch.cuda.Stream()
 
     def replay(graph, stream, times):

@@ -12,11 +12,11 @@ Dynamo specialises a size of 1, so on the CPU a batch of one is padded to two ra
 compiled twice.
 
 On CUDA every batch size from 1 to ``max_batch`` is then captured once as a CUDA graph and
-replayed (see ``cuda_graphs``): for x4plus a replay takes 0.5-0.6 ms of CPU where the compiled
-call took 12-14 ms, and gives the same bytes. A batch of one gets a graph of its own (13 ms on the
-H100 against 24 ms padded to two; 12 ms with cuDNN's timed choice of algorithms), worth one
-more compile: about 110 s for both on a fresh H100, which the saved artifacts spare later
-starts.
+replayed (see ``cuda_graphs``): for x4plus a replay takes 0.5-0.6 ms of CPU where the
+compiled call took 12-14 ms, and gives the same bytes. A batch of one gets a graph of its own
+(13 ms on the H100 against 24 ms padded to two; 12 ms with cuDNN's timed choice of
+algorithms), worth one more compile: about 110 s for both on a fresh H100, which the saved
+artifacts spare later starts.
 """
 from __future__ import annotations
 
@@ -65,8 +65,8 @@ class CompiledNetwork:
             warm_up = torch.cuda.Stream(device)
             with _cudnn_benchmark():
                 for batch in range(max_batch, 0, -1):  # largest first: smaller graphs reuse its blocks
-                    self._graphs[batch] = CapturedCall(self._compiled, _zeros(batch, size, device, dtype, memory_format),
-                                                 pool, warm_up)
+                    example = _zeros(batch, size, device, dtype, memory_format)
+                    self._graphs[batch] = CapturedCall(self._compiled, example, pool, warm_up)
             torch.cuda.empty_cache()  # the warm-ups' blocks; the graphs keep their own pool
         log.info("compiled %s for %dx%d tiles in %.1f s (%d CUDA graphs)", type(network).__name__, size, size,
                  time.perf_counter() - started, len(self._graphs))

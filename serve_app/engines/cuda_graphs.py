@@ -1,8 +1,8 @@
 """CUDA graphs: a call on a fixed input shape, captured once and then replayed.
 
 A network run from Python launches one kernel per operation, and the launching thread holds
-the GIL all along: about a thousand launches (12-14 ms of CPU) for compiled x4plus, 8 ms for
-RetinaFace at 512x512 on an H100 host. A replay launches them all in one call, so the GPU
+the GIL all along: about a thousand launches (12-14 ms of CPU) for compiled x4plus on an H100
+host, where a 512x512 picture's RetinaFace took 13.0 ms of its thread eager and 5.2 replayed. A replay launches them all in one call, so the GPU
 replicas' event loops keep the GIL to take in requests and hand back results.
 
 Captures and replays of one process take turns (``_TURNS``). For the whole of a capture,

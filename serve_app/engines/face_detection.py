@@ -16,8 +16,9 @@ class RetinaFaceDetector:
     (facexlib rebuilds them in a Python loop per call, 11 ms at 512x512 on an H100 host), only
     the rows over the threshold are decoded and copied off the device, and on CUDA the network
     is replayed from a CUDA graph for batches whose shape recurs (``graphs`` of them kept, each
-    of at most ``graph_pixels`` pixels): the eager call's launches took 8 ms of the device
-    lane's CPU, under the GIL, for one 512x512 picture.
+    of at most ``graph_pixels`` pixels): on an H100 host one 512x512 picture took 13.0 ms of
+    the device lane's thread eager (launching kernels under the GIL, then waiting), 5.2 ms
+    replayed, and the outputs were bit-equal.
     """
 
     def __init__(self, network: nn.Module, threshold: float = 0.97, nms_threshold: float = 0.4, *,
