@@ -95,9 +95,12 @@ class RuntimeConfig(_Strict):
                                           "detector takes in one pass (bounds its GPU memory with large photos).")
     face_detect_graphs: int = Field(default=16, ge=0, description="Batch shapes (picture size and "
                                     "count) whose face detection is replayed from a CUDA graph where "
-                                    "the engines compile: the most recently used are kept, a shape gets "
-                                    "its graph when it comes a second time, and a pass of more than "
-                                    "face_detect_batch_pixels runs plainly. 0: none.")
+                                    "the engines compile: the most recently used are kept, and a shape "
+                                    "gets its graph when it comes a second time. 0: none.")
+    face_detect_graph_pixels: int = Field(default=1024 * 1024, ge=0, description="Largest detector pass "
+                                          "(pixels of all its pictures) replayed from a graph; larger ones "
+                                          "run plainly, where launches are a small part of the time and a "
+                                          "graph would hold their memory besides the plain calls'.")
     request_timeout_s: float = Field(default=120.0, gt=0)
     cpu_threads: int = Field(default=2, gt=0, description="Threads per CPU replica for decode, tiles, "
                              "paste-back and encode (OpenCV and numpy release the GIL).")

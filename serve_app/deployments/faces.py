@@ -53,7 +53,7 @@ class FaceDeployment:
         runtime = self.runtime
         return load_face_engine(name, self.store, runtime.engine(self.args.device), max_faces=runtime.limits.max_faces,
                                 detect_graphs=runtime.face_detect_graphs,
-                                detect_graph_pixels=runtime.face_detect_batch_pixels,
+                                detect_graph_pixels=runtime.face_detect_graph_pixels,
                                 share_with=self.engines.any_loaded())
 
     def reconfigure(self, user_config: dict) -> None:
@@ -121,7 +121,7 @@ class FaceDeployment:
 
 def _engine_settings(runtime: RuntimeConfig) -> tuple:
     return (runtime.precision, runtime.compile, runtime.limits.max_faces, runtime.face_detect_graphs,
-            runtime.face_detect_batch_pixels)
+            runtime.face_detect_graph_pixels)
 
 
 def _restore_and_mask(engine: FaceEngine, crops: list[np.ndarray], strength: float, paste: bool) -> tuple[list, list]:
