@@ -165,7 +165,8 @@ def paste_faces(image: np.ndarray, found: FoundFaces, restored: list[np.ndarray]
 def _paste(canvas: np.ndarray, found: FoundFaces, restored: list[np.ndarray], masks: list[np.ndarray],
            upscale: float) -> np.ndarray:
     dtype, gray = canvas.dtype, canvas.ndim == 2
-    colour = cv2.cvtColor(canvas, cv2.COLOR_GRAY2BGR) if gray else canvas[:, :, :3]  # a view: pasted in place
+    # The canvas's colour channels, pasted in place (a grey canvas: a BGR copy, turned back at the end)
+    colour = cv2.cvtColor(canvas, cv2.COLOR_GRAY2BGR) if gray else canvas[:, :, :3]
     size = (canvas.shape[1], canvas.shape[0])
     # Faces are 8-bit; a 16-bit canvas gets them at its own range.
     face_range = 65535.0 / 255.0 if dtype == np.uint16 else 1.0
