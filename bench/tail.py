@@ -3,6 +3,7 @@
     python -m bench.tail queue [--rate 66.6] [--fixed-ms 4.9] [--tile-ms 9.0] [--unloaded-ms 59]
     python -m bench.tail overlap          # CUDA only
     python -m bench.tail client [--rate 64]
+    python -m bench.tail face-batch       # CUDA only
 
 - ``queue``: Poisson arrivals at one device that runs one batch at a time, formed as
   ``DeviceBatcher`` forms them (everything waiting, up to the cap; a lone item waits
@@ -14,6 +15,10 @@
   streams, against the same replays one after the other: what a second device lane would gain.
 - ``client``: the load generator's own share of a 3 MB answer, httpx against aiohttp, from a
   local server that does no work.
+- ``face-batch``: the face path served with ``face_batch_size`` 8 and 1 in turn (a change of
+  ``user_config`` only, the same replicas), twice each, at one open-loop rate (70% of the first
+  peak): whether the face replica's batches, which make each face wait for its whole batch
+  (GFPGAN runs face by face when compiled), are what grows the tail.
 Each prints JSON.
 """
 from __future__ import annotations
@@ -178,6 +183,50 @@ def client(args) -> dict:
         server.terminate()
 
 
+def face_batch(args) -> dict:
+    import copy
+
+    import torch
+    from ray import serve
+
+    from bench import served
+    from bench.common import photo, png, weights_in_use
+    from serve_app.deployments.heap import freeze_heap
+
+    folder = Path(tempfile.mkdtemp())
+    weights_in_use(folder, args.cache_dir, ["RealESRGAN_x4plus", "GFPGANv1.4", "retinaface_resnet50", "parsenet"])
+    served.start_ray()
+    card = min(1.0, served.EMULATED_CARD_GIB * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    config = served._config(folder, args.cache_dir, 256, 8, max(2, (os.cpu_count() or 2) - 4), card, "auto")
+    served.deploy(config, folder)
+    freeze_heap()
+    body, params = png(photo()), {"model": "none", "face_enhance": "true", "scale": 2, "format": "png"}
+    faces = serve.get_deployment_handle("FaceDeployment", "restore")
+    asyncio.run(served.closed_loop(body, params, 2, 3))  # warm-up
+    report, rate = {}, None
+    for name, cap in (("batch_8", 8), ("batch_1", 1), ("batch_8_again", 8), ("batch_1_again", 1)):
+        changed = copy.deepcopy(config)
+        for deployment in changed["applications"][0]["deployments"]:
+            deployment["user_config"]["face_batch_size"] = cap
+        served.deploy(changed, folder)
+        time.sleep(5)  # the application reads RUNNING before every replica has its new user_config
+        unloaded = asyncio.run(served.closed_loop(body, params, 1, 8))
+        if rate is None:
+            rate = 0.7 * asyncio.run(served.closed_loop(body, params, 32, 8))["images_per_s"]
+        before = faces.stats.remote().result()["batch_sizes"]
+        loaded = asyncio.run(served.open_loop(body, params, rate, 16))
+        after = faces.stats.remote().result()["batch_sizes"]
+        report[name] = {"unloaded": unloaded, "open_loop": loaded,
+                        "p99_over_unloaded_p50": loaded["p99_ms"] / unloaded["p50_ms"],
+                        "open_loop_batch_sizes": {step: _counted_since(before[step], after[step]) for step in after}}
+    serve.delete("restore")
+    return report
+
+
+def _counted_since(before: dict, after: dict) -> dict:
+    return {size: count - before.get(size, 0) for size, count in after.items() if count > before.get(size, 0)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -192,8 +241,12 @@ def main() -> None:
     sub.add_parser("overlap")
     c = sub.add_parser("client")
     c.add_argument("--rate", type=float, default=64.0)
+    f = sub.add_parser("face-batch")
+    f.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "rs-cache",
+                   help="weights and compiled kernels")
     args = parser.parse_args()
-    print(json.dumps({"queue": queue, "overlap": overlap, "client": client}[args.what](args), indent=2))
+    what = {"queue": queue, "overlap": overlap, "client": client, "face-batch": face_batch}[args.what]
+    print(json.dumps(what(args), indent=2))
 
 
 if __name__ == "__main__":
