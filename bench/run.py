@@ -185,6 +185,14 @@ def _served_rows(srv: dict) -> list[str]:
         loaded, unloaded = path["open_loop_at_70_percent"], path["closed_loop"][0]
         rows.append(f"| {name}: p99 at 70% of peak ({loaded['offered_per_s']:.1f}/s) vs unloaded p50 "
                     f"| {loaded['p99_ms']:.0f} ms | {unloaded['p50_ms']:.0f} ms | {loaded['p99_over_unloaded_p50']:.2f}x |")
+    for name, path in paths:  # the GPU replica's part of it
+        key = "upscaler_replica" if name == "upscale" else "face_replica"
+        loaded, unloaded = (path["open_loop_at_70_percent"].get(key, {}).get("times", {}),
+                            path["closed_loop"][0].get(key, {}).get("times", {}))
+        if loaded.get("requests") and unloaded.get("requests"):
+            rows.append(f"| {name}: time inside its GPU replica, p99 at 70% of peak vs unloaded p50 "
+                        f"| {loaded['inside_ms_p99']:.0f} ms | {unloaded['inside_ms_p50']:.0f} ms "
+                        f"| {loaded['inside_ms_p99'] / unloaded['inside_ms_p50']:.2f}x |")
     for name, path in paths:
         steps = ", ".join(f"{k} {v:.0f}" for k, v in path["closed_loop"][0]["steps_ms_p50"].items()
                           if k in served.CPU_STEPS)

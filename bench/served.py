@@ -91,7 +91,9 @@ def deploy(config: dict, tmp: Path) -> None:
     path.write_text(yaml.safe_dump(config))
     serve_cli = [shutil.which("serve")] if shutil.which("serve") else [
         sys.executable, "-c", "from ray.serve.scripts import cli; cli()"]
-    subprocess.run([*serve_cli, "deploy", str(path), "--address", "http://127.0.0.1:8265"], check=True)
+    # The command's messages go to stderr: stdout carries the benchmarks' JSON.
+    subprocess.run([*serve_cli, "deploy", str(path), "--address", "http://127.0.0.1:8265"], check=True,
+                   stdout=sys.stderr)
     deadline = time.time() + 900
     while time.time() < deadline:
         app = serve.status().applications.get("restore")
@@ -168,17 +170,16 @@ def _gpu_stats() -> dict:
 
 
 def _path(name: str, body: bytes, params: dict, levels: list[int], seconds: float) -> dict:
-    upscaler = serve.get_deployment_handle("UpscalerDeployment", "restore")
     asyncio.run(closed_loop(body, params, 2, 2))  # warm-up: first batches, every CPU replica
     results = []
     for concurrency in levels:
-        upscaler.reset_stats.remote().result()
+        _reset_gpu_stats()
         level = asyncio.run(closed_loop(body, params, concurrency, seconds))
-        stats = upscaler.stats.remote().result()
-        level["upscaler_replica"] = {"times": stats["times"], "batch_sizes": stats["batch_sizes"]}
-        results.append(level)
+        results.append({**level, **_gpu_replica_times(name)})
     best = max(r["images_per_s"] for r in results)
+    _reset_gpu_stats()
     loaded = asyncio.run(open_loop(body, params, 0.7 * best, 2 * seconds))
+    loaded.update(_gpu_replica_times(name))
     unloaded = results[0]["p50_ms"]
     loaded["p99_over_unloaded_p50"] = loaded["p99_ms"] / unloaded
     # CPU time of a request measured unloaded (no thread waits), and the cores it takes at the
@@ -187,6 +188,19 @@ def _path(name: str, body: bytes, params: dict, levels: list[int], seconds: floa
     return {"path": name, "params": params, "closed_loop": results, "best_images_per_s": best,
             "open_loop_at_70_percent": loaded, "cpu_ms_per_request": cpu_ms,
             "cpu_cores_at_best_rate": cpu_ms * best / 1e3}
+
+
+def _reset_gpu_stats() -> None:
+    for deployment in ("UpscalerDeployment", "FaceDeployment"):
+        serve.get_deployment_handle(deployment, "restore").reset_stats.remote().result()
+
+
+def _gpu_replica_times(path: str) -> dict:
+    """Where the path's requests spent their time inside its GPU replica, and its batch sizes."""
+    deployment, key = ("UpscalerDeployment", "upscaler_replica") if path == "upscale" else (
+        "FaceDeployment", "face_replica")
+    stats = serve.get_deployment_handle(deployment, "restore").stats.remote().result()
+    return {key: {"times": stats["times"], "batch_sizes": stats["batch_sizes"]}}
 
 
 def start_ray() -> None:
@@ -222,8 +236,6 @@ def run(report: dict, folder: Path, cache: Path, *, tile: int, batch: int, sizes
     save()
     report["faces"] = _path("faces", png(face_img), {"model": "none", "face_enhance": "true", "scale": 2,
                                                       "format": "png"}, levels, seconds)
-    # one face replica's batch sizes over the whole faces path, per step
-    report["faces"]["face_replica_batch_sizes"] = _gpu_stats()["FaceDeployment"]["batch_sizes"]
     save()
     big = photo(sizes["largest"])
     latencies: list[float] = []

@@ -10,7 +10,7 @@ import torch
 
 from serve_app.deployments.batching import DeviceBatcher, group_indices
 from serve_app.deployments.faces import _by_pixels
-from serve_app.deployments.gpu import RequestTime, RequestTimes, cap_gpu_memory, gpu_memory
+from serve_app.deployments.gpu import StepTimes, cap_gpu_memory, gpu_memory
 from serve_app.deployments.heap import freeze_heap
 from serve_app.deployments.threads import Workers
 
@@ -91,15 +91,32 @@ def test_a_failing_batch_fails_its_callers_only_and_cancelled_callers_are_skippe
     assert sizes == [2, 1]  # the cancelled item never reached the device
 
 
-def test_request_times_and_memory_helpers_off_cuda():
-    times = RequestTimes(window=3)
+def test_step_times_and_memory_helpers_off_cuda():
+    times = StepTimes(window=3)
     assert times.summary() == {"requests": 0}
     for served in (11.0, 12.0, 13.0, 50.0):  # the window keeps the last three
-        times.add(RequestTime(queued_ms=1.0, served_ms=served, bare_ms=10.0))
+        times.add(queued=1.0, served=served)
     summary = times.summary()
-    assert summary["requests"] == 3 and summary["served_ms_p50"] == 13.0
-    assert summary["served_over_bare"] == pytest.approx((12 + 13 + 50) / 30)
+    assert summary["requests"] == 3 and summary["served_ms_p50"] == 13.0 and summary["queued_ms_p99"] == 1.0
+    assert summary["served_ms_p99"] == pytest.approx(13 + 0.98 * (50 - 13))  # numpy's linear percentile
+    assert times.total("served") == 12 + 13 + 50
+    times.clear()
+    assert times.summary() == {"requests": 0}
     assert cap_gpu_memory(torch.device("cpu"), 0.5) is None and gpu_memory(torch.device("cpu"), None) == {}
+
+
+def test_a_batched_item_is_told_how_long_it_waited_and_how_long_its_batch_took():
+    async def main():
+        batcher = DeviceBatcher(_device([], seconds=0.05), max_batch_size=4, wait_s=0.005)
+        first = asyncio.ensure_future(batcher.submit_timed(1))
+        await asyncio.sleep(0.01)  # the first batch is on the device now
+        second = await batcher.submit_timed(2)  # waits for it, then runs in the next
+        return await first, second
+
+    (first, waited_1, ran_1), (second, waited_2, ran_2) = asyncio.run(main())
+    assert (first, second) == (10, 20)
+    assert waited_1 < 0.04 <= waited_2  # at most the wait for company, then the whole first batch
+    assert ran_1 >= 0.05 and ran_2 >= 0.05
 
 
 def test_groups_keep_order_and_detector_runs_keep_within_their_pixels():

@@ -298,9 +298,13 @@ def test_concurrent_face_requests_share_detector_and_restorer_passes(deployed, a
     responses = [handle.restore.remote(p, **options) for p in pictures]
     together = [r.result() for r in responses]
     faces = serve.get_deployment_handle("FaceDeployment", "restore")
-    sizes = faces.stats.remote().result()["batch_sizes"]
+    stats = faces.stats.remote().result()
+    sizes, times = stats["batch_sizes"], stats["times"]
     # pictures of different requests in one detector pass, their faces in one GFPGAN pass
     assert max(map(int, sizes["detect"])) > 1 and max(map(int, sizes["restore"])) > 1, sizes
+    # and where each request's time went inside the replica, step by step (for the benchmark)
+    assert times["requests"] >= 3 and times["detect_ms_p99"] > 0 and times["restore_ms_p50"] > 0, times
+    assert times["inside_ms_p50"] >= times["restore_ms_p50"] and times["inside_ms_p99"] >= times["detect_ms_p99"]
     alone = handle.restore.remote(pictures[0], **options).result()  # and the caller got its own back
     assert together[0].faces == alone.faces == 1 and together[0].pixels.shape == alone.pixels.shape
     assert np.abs(together[0].pixels.astype(int) - alone.pixels).mean() < 1  # batching's rounding only

@@ -11,6 +11,7 @@ item that finds the device idle waits, at most ``wait_s``, for company.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from typing import Awaitable, Callable, Generic, Hashable, TypeVar
 
@@ -28,12 +29,19 @@ class DeviceBatcher(Generic[T, R]):
 
     async def submit(self, item: T) -> R:
         """The result for ``item``, computed in a batch with whatever else is waiting."""
+        return (await self.submit_timed(item))[0]
+
+    async def submit_timed(self, item: T) -> tuple[R, float, float]:
+        """``submit``'s result, with the seconds ``item`` waited for its batch to start and the
+        seconds that batch took."""
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._serve())
+        submitted = time.perf_counter()
         future = asyncio.get_running_loop().create_future()
         self._waiting.append((item, future))
         self._arrived.set()
-        return await future
+        result, started, ended = await future
+        return result, started - submitted, ended - started
 
     async def _serve(self) -> None:
         backlog = False  # whether items queued while the device ran the last batch
@@ -42,6 +50,7 @@ class DeviceBatcher(Generic[T, R]):
             batch = [(item, future) for item, future in batch if not future.cancelled()]
             if not batch:
                 continue
+            started = time.perf_counter()
             try:
                 results = await self._run_batch([item for item, _ in batch])
             except Exception as exc:  # noqa: BLE001  every caller of the batch gets the error
@@ -49,9 +58,10 @@ class DeviceBatcher(Generic[T, R]):
                     if not future.done():
                         future.set_exception(exc)
             else:
+                ended = time.perf_counter()
                 for (_, future), result in zip(batch, results):
                     if not future.done():
-                        future.set_result(result)
+                        future.set_result((result, started, ended))
             backlog = bool(self._waiting)
 
     async def _next_batch(self, backlog: bool) -> list[tuple[T, asyncio.Future]]:

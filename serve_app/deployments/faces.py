@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 
 import numpy as np
@@ -19,7 +20,7 @@ from ray import serve
 
 from serve_app.config import AppArgs, RuntimeConfig
 from serve_app.deployments.batching import DeviceBatcher, group_indices
-from serve_app.deployments.gpu import cap_gpu_memory, gpu_memory
+from serve_app.deployments.gpu import StepTimes, cap_gpu_memory, gpu_memory
 from serve_app.deployments.heap import freeze_heap
 from serve_app.deployments.models import EngineCache
 from serve_app.deployments.threads import Workers
@@ -39,6 +40,7 @@ class FaceDeployment:
         self.runtime = RuntimeConfig()
         self.engines = EngineCache(self._load)
         self.batch_sizes: dict[str, Counter[int]] = {"detect": Counter(), "restore": Counter()}
+        self.times = StepTimes()
         self.detections = DeviceBatcher(self._detect_batch, self.runtime.face_batch_size,
                                         self.runtime.face_batch_wait_s)
         self.faces = DeviceBatcher(self._restore_batch, self.runtime.face_batch_size, self.runtime.face_batch_wait_s)
@@ -77,15 +79,25 @@ class FaceDeployment:
             raise InvalidOption(f"face_model must be one of {', '.join(self.args.face_models)}")
         if not 0.0 <= strength <= 1.0:  # here, before it can fail a batch shared with others
             raise InvalidOption(f"face_strength must be in [0, 1], not {strength}")
+        entered = time.perf_counter()
         engine = self.engines.get(face_model)
+        detect_wait = detect = 0.0
         if aligned:
             found = engine.align(work, None, aligned=True)
         else:
-            detections = await self.detections.submit((engine, work))
+            detections, detect_wait, detect = await self.detections.submit_timed((engine, work))
             found = await self.workers.cpu(engine.align, work, detections, only_center_face=only_center_face)
-        done = await asyncio.gather(*(self.faces.submit((engine, strength, not aligned, crop))
+        aligned_at = time.perf_counter()
+        done = await asyncio.gather(*(self.faces.submit_timed((engine, strength, not aligned, crop))
                                       for crop in found.crops))
-        return found, [face for face, _ in done], [] if aligned else [mask for _, mask in done]
+        # Seconds: waits for a batch to start and batch times (its longest, where faces are several)
+        self.times.add(detect_wait=detect_wait * 1e3, detect=detect * 1e3,
+                       align=(aligned_at - entered - detect_wait - detect) * 1e3,
+                       restore_wait=max((w for _, w, _ in done), default=0.0) * 1e3,
+                       restore=max((r for _, _, r in done), default=0.0) * 1e3,
+                       inside=(time.perf_counter() - entered) * 1e3)
+        faces = [face for (face, _), _, _ in done]
+        return found, faces, [] if aligned else [mask for (_, mask), _, _ in done]
 
     async def _detect_batch(self, items: list[tuple[FaceEngine, np.ndarray]]) -> list[np.ndarray]:
         """One detector pass per model over the pictures of every waiting request (the detector
@@ -116,7 +128,13 @@ class FaceDeployment:
     async def stats(self) -> dict:
         return {"device": str(self.device), "failures": dict(self.engines.failures),
                 "batch_sizes": {step: dict(sizes) for step, sizes in self.batch_sizes.items()},
-                "gpu_memory": gpu_memory(self.device, self.memory_fraction)}
+                "times": self.times.summary(), "gpu_memory": gpu_memory(self.device, self.memory_fraction)}
+
+    async def reset_stats(self) -> None:
+        """Forget counts and times (the benchmark measures each load level on its own)."""
+        for sizes in self.batch_sizes.values():
+            sizes.clear()
+        self.times.clear()
 
 
 def _engine_settings(runtime: RuntimeConfig) -> tuple:

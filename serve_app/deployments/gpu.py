@@ -6,8 +6,6 @@ stops one PyTorch process from taking the whole card. The cap makes the share re
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
-
 import numpy as np
 import ray
 import torch
@@ -35,31 +33,28 @@ def gpu_memory(device: torch.device, fraction: float | None) -> dict:
             "cap_gib": (fraction or 1.0) * total / 2**30, "card_gib": total / 2**30}
 
 
-@dataclass
-class RequestTime:
-    queued_ms: float  # entry until its first batch started
-    served_ms: float  # first batch start until the reply: the batch work, copies, splitting
-    bare_ms: float  # the network alone, over the batches that carried it (CUDA events)
-
-
-class RequestTimes:
-    """The last ``window`` requests of a replica, summarised for ``stats()`` and the benchmark."""
+class StepTimes:
+    """Where the last ``window`` requests of a replica spent their time, step by step, for
+    ``stats()`` and the benchmark: each step's p50 and p99 in ms."""
 
     def __init__(self, window: int = 2000):
-        self._times: deque[RequestTime] = deque(maxlen=window)
+        self._rows: deque[dict[str, float]] = deque(maxlen=window)
 
-    def add(self, time: RequestTime) -> None:
-        self._times.append(time)
+    def add(self, **steps_ms: float) -> None:
+        self._rows.append(steps_ms)
 
     def clear(self) -> None:
-        self._times.clear()
+        self._rows.clear()
+
+    def total(self, step: str) -> float:
+        return float(sum(row[step] for row in self._rows))
 
     def summary(self) -> dict:
-        if not self._times:
+        if not self._rows:
             return {"requests": 0}
-        queued, served, bare = (np.array([getattr(t, f) for t in self._times])
-                                for f in ("queued_ms", "served_ms", "bare_ms"))
-        return {"requests": len(self._times), "queued_ms_p50": float(np.median(queued)),
-                "served_ms_p50": float(np.median(served)), "bare_ms_p50": float(np.median(bare)),
-                # how much longer a request's batch took in the replica than the network alone
-                "served_over_bare": float(served.sum() / bare.sum())}
+        summary: dict[str, float] = {"requests": len(self._rows)}
+        for step in self._rows[-1]:
+            values = np.array([row[step] for row in self._rows])
+            summary[f"{step}_ms_p50"] = float(np.median(values))
+            summary[f"{step}_ms_p99"] = float(np.percentile(values, 99))
+        return summary

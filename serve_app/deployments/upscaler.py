@@ -17,7 +17,7 @@ from ray import serve
 
 from serve_app.config import AppArgs, RuntimeConfig
 from serve_app.deployments.batching import DeviceBatcher, group_indices
-from serve_app.deployments.gpu import RequestTime, RequestTimes, cap_gpu_memory, gpu_memory
+from serve_app.deployments.gpu import StepTimes, cap_gpu_memory, gpu_memory
 from serve_app.deployments.heap import freeze_heap
 from serve_app.deployments.models import EngineCache
 from serve_app.deployments.threads import Workers
@@ -36,7 +36,7 @@ class UpscalerDeployment:
         self.runtime = RuntimeConfig()
         self.engines = EngineCache(self._load)
         self.batch_sizes: Counter[int] = Counter()
-        self.times = RequestTimes()
+        self.times = StepTimes()
         self.batcher = DeviceBatcher(self._forward_batch, self.runtime.tile.batch_size,
                                      self.runtime.upscaler_batch_wait_s)
         self.workers = Workers()
@@ -72,9 +72,10 @@ class UpscalerDeployment:
         done = await asyncio.gather(*(self.batcher.submit((engine, x)) for x in tiles))
         bare_by_batch = {batch: bare for _, batch, bare in done}  # batch: (start time, group)
         first_start = min(started for started, _ in bare_by_batch)
-        self.times.add(RequestTime(queued_ms=(first_start - entered) * 1e3,
-                                   served_ms=(time.perf_counter() - first_start) * 1e3,
-                                   bare_ms=sum(bare_by_batch.values())))
+        self.times.add(queued=(first_start - entered) * 1e3,  # entry until its first batch started
+                       served=(time.perf_counter() - first_start) * 1e3,  # batches, copies, splitting
+                       bare=sum(bare_by_batch.values()),  # the network alone in those batches (CUDA events)
+                       inside=(time.perf_counter() - entered) * 1e3)
         if len(done) == 1:  # the usual small picture: its tile as it came, no copy
             return done[0][0][np.newaxis]
         return np.stack([y for y, _, _ in done])
@@ -99,9 +100,15 @@ class UpscalerDeployment:
     async def stats(self) -> dict:
         return {"device": str(self.device), "failures": dict(self.engines.failures), "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id(),
-                "batch_sizes": dict(self.batch_sizes), "times": self.times.summary(),
+                "batch_sizes": dict(self.batch_sizes), "times": self._times(),
                 "gpu_memory": gpu_memory(self.device, self.memory_fraction),
                 "runtime": self.runtime.model_dump(mode="json")}
+
+    def _times(self) -> dict:
+        times = self.times.summary()
+        if times["requests"]:  # how much longer its batches took in the replica than the network alone
+            times["served_over_bare"] = self.times.total("served") / self.times.total("bare")
+        return times
 
     async def reset_stats(self) -> None:
         """Forget counts and times (the benchmark measures each load level on its own)."""
