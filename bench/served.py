@@ -143,7 +143,8 @@ async def closed_loop(body: bytes, params: dict, concurrency: int, seconds: floa
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
     return {"concurrency": concurrency, "requests": len(latencies), "images_per_s": len(latencies) / wall,
-            **percentiles(latencies), "steps_ms_p50": {k: float(np.median(v)) for k, v in steps.items()}}
+            **percentiles(latencies), "steps_ms_p50": {k: float(np.median(v)) for k, v in steps.items()},
+            "steps_ms_p99": {k: float(np.percentile(v, 99)) for k, v in steps.items()}}
 
 
 async def open_loop(body: bytes, params: dict, rate: float, seconds: float) -> dict:
@@ -182,6 +183,8 @@ def _path(name: str, body: bytes, params: dict, levels: list[int], seconds: floa
     loaded.update(_gpu_replica_times(name))
     unloaded = results[0]["p50_ms"]
     loaded["p99_over_unloaded_p50"] = loaded["p99_ms"] / unloaded
+    # how much of that tail a request has alone, and how much the load adds to it
+    loaded["p99_over_unloaded_p99"] = loaded["p99_ms"] / results[0]["p99_ms"]
     # CPU time of a request measured unloaded (no thread waits), and the cores it takes at the
     # best rate; Ray's and the HTTP proxy's own CPU come on top.
     cpu_ms = sum(v for k, v in results[0]["steps_ms_p50"].items() if k in CPU_STEPS)

@@ -3,7 +3,7 @@
     python -m bench.tail queue [--rate 66.6] [--fixed-ms 4.9] [--tile-ms 9.0] [--unloaded-ms 59]
     python -m bench.tail overlap          # CUDA only
     python -m bench.tail client [--rate 64]
-    python -m bench.tail face-batch       # CUDA only
+    python -m bench.tail face-settings [--variant NAME JSON ...]   # CUDA only
 
 - ``queue``: Poisson arrivals at one device that runs one batch at a time, formed as
   ``DeviceBatcher`` forms them (everything waiting, up to the cap; a lone item waits
@@ -15,10 +15,11 @@
   streams, against the same replays one after the other: what a second device lane would gain.
 - ``client``: the load generator's own share of a 3 MB answer, httpx against aiohttp, from a
   local server that does no work.
-- ``face-batch``: the face path served with ``face_batch_size`` 8 and 1 in turn (a change of
-  ``user_config`` only, the same replicas), twice each, at one open-loop rate (70% of the first
-  peak): whether the face replica's batches, which make each face wait for its whole batch
-  (GFPGAN runs face by face when compiled), are what grows the tail.
+- ``face-settings``: the face path served with several ``user_config`` variants in turn (a
+  change of ``user_config`` only: the same replicas), each twice, at one open-loop rate (70% of
+  the first peak), with the face replica's own step times: which setting grows the tail. By
+  default ``face_batch_size`` 8 against 1: whether the face replica's batches, which make each
+  face wait for its whole batch (GFPGAN runs face by face when compiled), are the cause.
 Each prints JSON.
 """
 from __future__ import annotations
@@ -183,7 +184,7 @@ def client(args) -> dict:
         server.terminate()
 
 
-def face_batch(args) -> dict:
+def face_settings(args) -> dict:
     import copy
 
     import torch
@@ -193,6 +194,8 @@ def face_batch(args) -> dict:
     from bench.common import photo, png, weights_in_use
     from serve_app.deployments.heap import freeze_heap
 
+    variants = {name: json.loads(settings) for name, settings in args.variant or
+                (("batch_8", '{"face_batch_size": 8}'), ("batch_1", '{"face_batch_size": 1}'))}
     folder = Path(tempfile.mkdtemp())
     weights_in_use(folder, args.cache_dir, ["RealESRGAN_x4plus", "GFPGANv1.4", "retinaface_resnet50", "parsenet"])
     served.start_ray()
@@ -204,27 +207,28 @@ def face_batch(args) -> dict:
     faces = serve.get_deployment_handle("FaceDeployment", "restore")
     asyncio.run(served.closed_loop(body, params, 2, 3))  # warm-up
     report, rate = {}, None
-    for name, cap in (("batch_8", 8), ("batch_1", 1), ("batch_8_again", 8), ("batch_1_again", 1)):
-        changed = copy.deepcopy(config)
-        for deployment in changed["applications"][0]["deployments"]:
-            deployment["user_config"]["face_batch_size"] = cap
-        served.deploy(changed, folder)
-        time.sleep(5)  # the application reads RUNNING before every replica has its new user_config
-        unloaded = asyncio.run(served.closed_loop(body, params, 1, 8))
-        if rate is None:
-            rate = 0.7 * asyncio.run(served.closed_loop(body, params, 32, 8))["images_per_s"]
-        before = faces.stats.remote().result()["batch_sizes"]
-        loaded = asyncio.run(served.open_loop(body, params, rate, 16))
-        after = faces.stats.remote().result()["batch_sizes"]
-        report[name] = {"unloaded": unloaded, "open_loop": loaded,
-                        "p99_over_unloaded_p50": loaded["p99_ms"] / unloaded["p50_ms"],
-                        "open_loop_batch_sizes": {step: _counted_since(before[step], after[step]) for step in after}}
+    for turn in ("", "_again"):
+        for name, settings in variants.items():
+            changed = copy.deepcopy(config)
+            for deployment in changed["applications"][0]["deployments"]:
+                deployment["user_config"].update(settings)
+            served.deploy(changed, folder)
+            time.sleep(5)  # the application reads RUNNING before every replica has its new user_config
+            if rate is None:  # every load level's batch shapes seen (and captured) before measuring
+                rate = 0.7 * asyncio.run(served.closed_loop(body, params, 32, 8))["images_per_s"]
+            faces.reset_stats.remote().result()
+            unloaded = asyncio.run(served.closed_loop(body, params, 1, 8))
+            inside_unloaded = faces.stats.remote().result()["times"]
+            faces.reset_stats.remote().result()
+            loaded = asyncio.run(served.open_loop(body, params, rate, 16))
+            stats = faces.stats.remote().result()
+            report[name + turn] = {"settings": settings, "unloaded": unloaded, "open_loop": loaded,
+                                   "p99_over_unloaded_p50": loaded["p99_ms"] / unloaded["p50_ms"],
+                                   "face_replica_unloaded": inside_unloaded,
+                                   "face_replica_open_loop": stats["times"],
+                                   "open_loop_batch_sizes": stats["batch_sizes"]}
     serve.delete("restore")
     return report
-
-
-def _counted_since(before: dict, after: dict) -> dict:
-    return {size: count - before.get(size, 0) for size, count in after.items() if count > before.get(size, 0)}
 
 
 def main() -> None:
@@ -241,11 +245,13 @@ def main() -> None:
     sub.add_parser("overlap")
     c = sub.add_parser("client")
     c.add_argument("--rate", type=float, default=64.0)
-    f = sub.add_parser("face-batch")
+    f = sub.add_parser("face-settings")
+    f.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "JSON"),
+                   help="a name and the user_config entries it changes (default: face_batch_size 8, then 1)")
     f.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "rs-cache",
                    help="weights and compiled kernels")
     args = parser.parse_args()
-    what = {"queue": queue, "overlap": overlap, "client": client, "face-batch": face_batch}[args.what]
+    what = {"queue": queue, "overlap": overlap, "client": client, "face-settings": face_settings}[args.what]
     print(json.dumps(what(args), indent=2))
 
 
