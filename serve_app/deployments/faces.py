@@ -90,7 +90,7 @@ class FaceDeployment:
         aligned_at = time.perf_counter()
         done = await asyncio.gather(*(self.faces.submit_timed((engine, strength, not aligned, crop))
                                       for crop in found.crops))
-        # Seconds: waits for a batch to start and batch times (its longest, where faces are several)
+        # In ms: the waits for a batch to start and the batches' times (the longest, where faces are several)
         self.times.add(detect_wait=detect_wait * 1e3, detect=detect * 1e3,
                        align=(aligned_at - entered - detect_wait - detect) * 1e3,
                        restore_wait=max((w for _, w, _ in done), default=0.0) * 1e3,

@@ -6,6 +6,7 @@ stops one PyTorch process from taking the whole card. The cap makes the share re
 from __future__ import annotations
 
 from collections import deque
+
 import numpy as np
 import ray
 import torch
