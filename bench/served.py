@@ -77,13 +77,30 @@ def _config(folder: Path, cache: Path, tile: int, batch: int, cpu_replicas: int,
         d["user_config"]["compile"] = compile_mode
         gpus = d["ray_actor_options"]["num_gpus"]
         d["user_config"]["gpu_memory_fraction"] = gpus * card_fraction if card_fraction and gpus else None
-        d["num_replicas"] = cpu_replicas if d["name"] == "PreprocessDeployment" else (
-            d.get("autoscaling_config", {}).get("min_replicas", 1))
+        if d["name"] == "PreprocessDeployment":
+            d["num_replicas"] = cpu_replicas
+        elif "num_replicas" not in d:  # a fixed count (the ingress's four) stays as the file sets it
+            d["num_replicas"] = d.get("autoscaling_config", {}).get("min_replicas", 1)
         d.pop("autoscaling_config", None)  # fixed replicas: the figures are per GPU
         d["max_queued_requests"] = -1
         if d["name"] == "PreprocessDeployment":
             d["ray_actor_options"]["num_cpus"] = min(1.0, (os.cpu_count() or 2) / (cpu_replicas + 2))
     return config
+
+
+def node_shares() -> tuple[int, float | None]:
+    """CPU replicas for this node (all cores but four), and the fraction of this GPU's memory
+    that emulates a 24 GB card (None without CUDA)."""
+    fraction = None
+    if torch.cuda.is_available():
+        fraction = min(1.0, EMULATED_CARD_GIB * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    return max(2, (os.cpu_count() or 2) - 4), fraction
+
+
+def bench_config(folder: Path, cache: Path, *, tile: int, batch: int, compile_mode: str) -> dict:
+    """serve_config.yaml as the benchmark deploys it on this node (see ``_config``)."""
+    cpu_replicas, fraction = node_shares()
+    return _config(folder, cache, tile, batch, cpu_replicas, fraction, compile_mode)
 
 
 def deploy(config: dict, tmp: Path) -> None:
@@ -220,12 +237,9 @@ def run(report: dict, folder: Path, cache: Path, *, tile: int, batch: int, sizes
     """Deploy and measure into ``report`` (inside ``start_ray()``'s instance), calling ``save``
     after each part; the application is deleted after."""
     cuda = torch.cuda.is_available()
-    cpu_replicas = max(2, (os.cpu_count() or 2) - 4)
-    fraction = None
-    if cuda:  # GPU replicas capped at their share of a 24 GB card
-        fraction = min(1.0, EMULATED_CARD_GIB * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    cpu_replicas, fraction = node_shares()
     started = time.perf_counter()
-    deploy(_config(folder, cache, tile, batch, cpu_replicas, fraction, compile_mode), folder)
+    deploy(bench_config(folder, cache, tile=tile, batch=batch, compile_mode=compile_mode), folder)
     report["settings"] = {"cpu_replicas": cpu_replicas, "emulated_card_fraction": fraction,
                            "emulated_card_gib": EMULATED_CARD_GIB if cuda else None,
                            "deploy_s": time.perf_counter() - started, "tile": tile, "batch": batch,

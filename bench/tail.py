@@ -187,7 +187,6 @@ def client(args) -> dict:
 def face_settings(args) -> dict:
     import copy
 
-    import torch
     from ray import serve
 
     from bench import served
@@ -199,8 +198,7 @@ def face_settings(args) -> dict:
     folder = Path(tempfile.mkdtemp())
     weights_in_use(folder, args.cache_dir, ["RealESRGAN_x4plus", "GFPGANv1.4", "retinaface_resnet50", "parsenet"])
     served.start_ray()
-    card = min(1.0, served.EMULATED_CARD_GIB * 2**30 / torch.cuda.get_device_properties(0).total_memory)
-    config = served._config(folder, args.cache_dir, 256, 8, max(2, (os.cpu_count() or 2) - 4), card, "auto")
+    config = served.bench_config(folder, args.cache_dir, tile=256, batch=8, compile_mode="auto")
     served.deploy(config, folder)
     freeze_heap()
     body, params = png(photo()), {"model": "none", "face_enhance": "true", "scale": 2, "format": "png"}
