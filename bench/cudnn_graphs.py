@@ -1,0 +1,189 @@
+"""An experiment: one RRDB dense block as cuDNN's fused convolution graphs (cudnn-frontend).
+
+    pip install --no-deps nvidia-cudnn-frontend   # not a dependency of the service; its backend path needs no more
+    python -m bench.cudnn_graphs [--out FILE.json]   # CUDA; prints JSON
+
+Question: ``bench/fused_trunk.py`` showed that convolutions with the element-wise work fused in
+are only worth having if they run as fast as cuDNN's own. cuDNN can fuse too: its graph API
+takes a convolution followed by pointwise operations and builds one kernel for it. PyTorch does
+not expose that; cudnn-frontend does.
+
+Here the dense block is concatenation-free in the way the Triton trunk was: one channels-last
+buffer holds the block's input and its four new maps side by side, each convolution reads a
+prefix of its channels as the concatenation (a strided view, no copy) and writes bias + leaky
+ReLU into its own channels; the fifth writes ``(conv + bias) * 0.2 + x`` into the next block's
+buffer. Every graph's plans are all built and timed, and the fastest kept.
+
+Against it, at 8 tiles of 256x256 in fp16: the service's block (``SplitDenseBlock``, compiled,
+replayed as a CUDA graph) and each of its convolutions alone through PyTorch. The answer is in
+the README (Benchmarks).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from bench.fused_trunk import graph_ms
+
+BATCH, SIZE, FEAT, GROW = 8, 256, 64, 32
+BLOCKS_IN_X4PLUS = 23 * 3
+SLOPE, RESIDUAL = 0.2, 0.2
+
+
+def _strides(channels: int) -> list[int]:
+    """NCHW dims, channels-last memory, in a buffer of ``channels`` channels a pixel."""
+    return [SIZE * SIZE * channels, 1, SIZE * channels, channels]
+
+
+def _event_ms(fn, repeats: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(3):
+        start.record()
+        for _ in range(repeats):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / repeats)
+    return best
+
+
+class FusedConv:
+    """One cuDNN graph: a 3x3 convolution of the first ``cin`` channels of a ``src_channels``
+    buffer, bias, then leaky ReLU or the block residual, into ``cout`` channels of a
+    ``dst_channels`` buffer. All plans are built; the fastest is kept."""
+
+    def __init__(self, cudnn, handle, cin: int, src_channels: int, cout: int, dst_channels: int, residual: bool):
+        self.cudnn, self.handle = cudnn, handle
+        half = cudnn.data_type.HALF
+        g = cudnn.pygraph(io_data_type=half, intermediate_data_type=cudnn.data_type.FLOAT,
+                          compute_data_type=cudnn.data_type.FLOAT, handle=handle)
+        self.x = g.tensor(name="x", dim=[BATCH, cin, SIZE, SIZE], stride=_strides(src_channels), data_type=half)
+        self.w = g.tensor(name="w", dim=[cout, cin, 3, 3], stride=[9 * cin, 1, 3 * cin, cin], data_type=half)
+        self.b = g.tensor(name="b", dim=[1, cout, 1, 1], stride=[cout, 1, cout, cout], data_type=half)
+        y = g.bias(input=g.conv_fprop(image=self.x, weight=self.w, padding=[1, 1], stride=[1, 1],
+                                      dilation=[1, 1], name="conv"), bias=self.b, name="bias")
+        self.r = self.scale = None
+        if residual:
+            self.scale = g.tensor(name="scale", dim=[1, 1, 1, 1], stride=[1, 1, 1, 1],
+                                  data_type=cudnn.data_type.FLOAT, is_pass_by_value=True)
+            self.r = g.tensor(name="r", dim=[BATCH, cout, SIZE, SIZE], stride=_strides(src_channels), data_type=half)
+            y = g.add(a=g.scale(input=y, scale=self.scale, name="scaled"), b=self.r, name="residual")
+        else:
+            y = g.leaky_relu(y, negative_slope=SLOPE, name="leaky")
+        y.set_output(True).set_data_type(half).set_dim([BATCH, cout, SIZE, SIZE]).set_stride(_strides(dst_channels))
+        self.y, self.graph = y, g
+        started = time.perf_counter()
+        g.validate()
+        g.build_operation_graph()
+        g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.B, cudnn.heur_mode.FALLBACK])
+        g.check_support()
+        g.build_plans(cudnn.build_plan_policy.ALL)
+        self.build_s = time.perf_counter() - started
+        self.plan, self.workspace = 0, None
+
+    def bind(self, src, weight, bias, dst, residual=None) -> dict:
+        pack = {self.x: src, self.w: weight, self.b: bias.view(1, -1, 1, 1), self.y: dst}
+        if self.r is not None:
+            pack[self.r] = residual
+            pack[self.scale] = torch.full((1, 1, 1, 1), RESIDUAL)
+        return pack
+
+    def tune(self, pack: dict) -> dict:
+        """Time every plan that runs; keep the fastest."""
+        times = {}
+        for i in range(self.graph.get_execution_plan_count()):
+            try:
+                ws = torch.empty(max(1, self.graph.get_workspace_size_plan_at_index(i)), device="cuda",
+                                 dtype=torch.uint8)
+                times[i] = (_event_ms(lambda: self.graph.execute_plan_at_index(pack, ws, i, handle=self.handle), 5), ws)
+            except Exception:  # a plan that does not build or run here: cuDNN lists some
+                continue
+        self.plan = min(times, key=lambda i: times[i][0])
+        self.workspace = times[self.plan][1]
+        return {"plans_run": len(times), "best": self.graph.get_plan_name_at_index(self.plan),
+                "ms": times[self.plan][0], "build_s": self.build_s}
+
+    def __call__(self, pack: dict) -> None:
+        self.graph.execute_plan_at_index(pack, self.workspace, self.plan, handle=self.handle)
+
+
+def measure() -> dict:
+    import cudnn
+
+    from serve_app.engines.dense_blocks import SplitDenseBlock  # first: serve_app shims torchvision for basicsr
+    from basicsr.archs.rrdbnet_arch import ResidualDenseBlock  # noqa: I001
+
+    torch.backends.cudnn.benchmark = True
+    cuda = torch.device("cuda")
+    block = ResidualDenseBlock(FEAT, GROW).to(cuda, torch.half).eval().requires_grad_(False)
+    convs = [block.conv1, block.conv2, block.conv3, block.conv4, block.conv5]
+    x = torch.randn(BATCH, FEAT, SIZE, SIZE, device=cuda, dtype=torch.half).contiguous(memory_format=torch.channels_last)
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "cudnn": cudnn.backend_version(), "cudnn_frontend": cudnn.__version__,
+              "batch": BATCH, "tile": SIZE}
+
+    # The service's block, and its five convolutions alone (what its element-wise kernels add to).
+    split = SplitDenseBlock(block).to(cuda, torch.half).eval()
+    report["service_block_ms"] = graph_ms(torch.compile(split), x)
+    with torch.inference_mode():
+        parts = []
+        for part in split.parts:
+            features = torch.randn(BATCH, part.in_channels, SIZE, SIZE, device=cuda, dtype=torch.half).contiguous(
+                memory_format=torch.channels_last)
+            weight = part.weight.contiguous(memory_format=torch.channels_last)
+            parts.append(_event_ms(lambda: F.conv2d(features, weight, padding=1)))
+    report["service_convolutions_alone_ms"] = sum(parts)
+
+    # The fused block, in place.
+    handle = cudnn.create_handle()
+    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
+    width = FEAT + 4 * GROW
+    here, there = (torch.zeros(BATCH, width, SIZE, SIZE, device=cuda, dtype=torch.half).contiguous(
+        memory_format=torch.channels_last) for _ in range(2))
+    here[:, :FEAT] = x
+    fused, packs, tuned = [], [], []
+    for k, conv in enumerate(convs):
+        last = k == len(convs) - 1
+        step = FusedConv(cudnn, handle, conv.in_channels, width, conv.out_channels, width, residual=last)
+        dst = there[:, :FEAT] if last else here[:, conv.in_channels:conv.in_channels + GROW]
+        pack = step.bind(here[:, :conv.in_channels], conv.weight.contiguous(memory_format=torch.channels_last),
+                         conv.bias, dst, here[:, :FEAT] if last else None)
+        tuned.append({"cin": conv.in_channels, "cout": conv.out_channels, **step.tune(pack)})
+        fused.append(step)
+        packs.append(pack)
+
+    def fused_block():
+        for step, pack in zip(fused, packs):
+            step(pack)
+
+    report["fused_convolutions"] = tuned
+    report["fused_block_ms"] = _event_ms(fused_block)
+    fused_block()
+    with torch.inference_mode():
+        expected = block(x).float()
+    report["fused_max_error_relative"] = float((there[:, :FEAT].float() - expected).abs().max() / expected.abs().max())
+    report["blocks_in_x4plus"] = BLOCKS_IN_X4PLUS
+    report["trunk_saving_ms"] = BLOCKS_IN_X4PLUS * (report["service_block_ms"] - report["fused_block_ms"])
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    report = json.dumps(measure(), indent=2)
+    print(report)
+    if args.out:
+        args.out.write_text(report)
+
+
+if __name__ == "__main__":
+    main()
