@@ -2,8 +2,9 @@
 
 Deploys serve_config.yaml with the `serve` command line (one Real-ESRGAN and one GFPGAN model,
 one GPU replica each at 0.5 GPU, CPU replicas as set below) and measures, per path:
-- closed loop at several concurrency levels: throughput, p50/p95/p99 latency, and from the GPU
-  replica where a request's time went (queued, served, bare forward);
+- closed loop at several concurrency levels, doubled past the last while throughput still grows
+  (``more_load``): throughput, p50/p95/p99 latency, and from the GPU replica where a request's
+  time went (queued, served, bare forward);
 - open loop (Poisson arrivals) at 70% of the best throughput: p50/p99 against the unloaded p50;
 - the largest input the service accepts by default (2048x2048 at x4), under the memory cap of a
   24 GB card shared half and half;
@@ -187,13 +188,30 @@ def _gpu_stats() -> dict:
             for name in ("UpscalerDeployment", "FaceDeployment")}
 
 
+PEAK_GAIN = 1.05  # a doubled concurrency that adds less throughput than this has found the peak
+MAX_CONCURRENCY = 512
+
+
+def more_load(results: list[dict]) -> int | None:
+    """The next concurrency to try after the closed-loop ``results`` so far, or None once the
+    peak is found: while the last level still added 5% or more to the one before, double it.
+    The open loop runs at 70% of the peak, so a peak taken too early is a lighter load."""
+    if len(results) < 2 or results[-1]["concurrency"] * 2 > MAX_CONCURRENCY:
+        return None
+    if results[-1]["images_per_s"] < PEAK_GAIN * results[-2]["images_per_s"]:
+        return None
+    return results[-1]["concurrency"] * 2
+
+
 def _path(name: str, body: bytes, params: dict, levels: list[int], seconds: float) -> dict:
     asyncio.run(closed_loop(body, params, 2, 2))  # warm-up: first batches, every CPU replica
     results = []
-    for concurrency in levels:
+    concurrency = levels[0]
+    while concurrency is not None:
         _reset_gpu_stats()
         level = asyncio.run(closed_loop(body, params, concurrency, seconds))
         results.append({**level, **_gpu_replica_times(name)})
+        concurrency = levels[len(results)] if len(results) < len(levels) else more_load(results)
     best = max(r["images_per_s"] for r in results)
     _reset_gpu_stats()
     loaded = asyncio.run(open_loop(body, params, 0.7 * best, 2 * seconds))

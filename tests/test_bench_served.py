@@ -19,3 +19,18 @@ def test_benchmark_config_keeps_the_files_replica_counts_and_fixes_the_autoscale
     assert not any("autoscaling_config" in d for d in deployed.values())
     assert all(d["ray_actor_options"]["num_gpus"] == shipped[n]["ray_actor_options"]["num_gpus"]
                for n, d in deployed.items())
+
+
+def _levels(*pairs):
+    return [{"concurrency": c, "images_per_s": rate} for c, rate in pairs]
+
+
+def test_the_closed_loop_doubles_its_concurrency_until_throughput_stops_growing():
+    # Still 20% up from 16 to 32 (the face path on an H100): the peak is further on.
+    assert served.more_load(_levels((16, 68.2), (32, 83.2))) == 64
+    # Less than 5% more for twice the requests in flight: that is the peak.
+    assert served.more_load(_levels((16, 94.7), (32, 97.6))) is None
+    assert served.more_load(_levels((32, 97.6), (64, 90.1))) is None
+    # One level says nothing about growth; the cap bounds the search.
+    assert served.more_load(_levels((1, 12.0))) is None
+    assert served.more_load(_levels((256, 80.0), (512, 99.0))) is None
