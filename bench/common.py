@@ -1,8 +1,11 @@
 """What the benchmark sections share: timing, the test photo, PSNR, and which weights are real."""
 from __future__ import annotations
 
+import argparse
+import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -96,3 +99,15 @@ def _sees_no_faces(state: dict) -> None:
 def percentiles(ms: list[float]) -> dict:
     values = np.array(ms)
     return {f"p{q}_ms": float(np.percentile(values, q)) for q in (50, 95, 99)}
+
+
+def experiment_main(measure: Callable[[], dict], doc: str) -> None:
+    """The command line of a one-report experiment (``doc``: its module docstring): run
+    ``measure``, print the report as JSON, and write it to ``--out`` too."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="where to write the JSON report too")
+    args = parser.parse_args()
+    report = json.dumps(measure(), indent=2)
+    print(report)
+    if args.out:
+        args.out.write_text(report)

@@ -20,14 +20,12 @@ the README (Benchmarks).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
+from bench.common import experiment_main
 from bench.fused_trunk import graph_ms
 
 BATCH, SIZE, FEAT, GROW = 8, 256, 64, 32
@@ -175,15 +173,5 @@ def measure() -> dict:
     return report
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    report = json.dumps(measure(), indent=2)
-    print(report)
-    if args.out:
-        args.out.write_text(report)
-
-
 if __name__ == "__main__":
-    main()
+    experiment_main(measure, __doc__)

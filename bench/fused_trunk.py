@@ -23,9 +23,7 @@ against fp32. The answer is in the README (Benchmarks): no faster, so the servic
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -225,15 +223,7 @@ def measure() -> dict:
     return report
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    report = json.dumps(measure(), indent=2)
-    print(report)
-    if args.out:
-        args.out.write_text(report)
-
-
 if __name__ == "__main__":
-    main()
+    from bench.common import experiment_main
+
+    experiment_main(measure, __doc__)

@@ -26,7 +26,7 @@ def _levels(*pairs):
 
 
 def test_the_closed_loop_doubles_its_concurrency_until_throughput_stops_growing():
-    # Still 20% up from 16 to 32 (the face path on an H100): the peak is further on.
+    # Still 20% up from 16 to 32 (the face path on an H100): the peak may be further on.
     assert served.more_load(_levels((16, 68.2), (32, 83.2))) == 64
     # Less than 5% more for twice the requests in flight: that is the peak.
     assert served.more_load(_levels((16, 94.7), (32, 97.6))) is None
