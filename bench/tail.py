@@ -3,7 +3,7 @@
     python -m bench.tail queue [--rate 66.6] [--fixed-ms 4.9] [--tile-ms 9.0] [--unloaded-ms 59]
     python -m bench.tail overlap          # CUDA only
     python -m bench.tail client [--rate 64]
-    python -m bench.tail face-settings [--variant NAME JSON ...]   # CUDA only
+    python -m bench.tail face-settings [--variant NAME JSON ...] [--open-seconds 16]   # CUDA only
 
 - ``queue``: Poisson arrivals at one device that runs one batch at a time, formed as
   ``DeviceBatcher`` forms them (everything waiting, up to the cap; a lone item waits
@@ -218,7 +218,7 @@ def face_settings(args) -> dict:
             unloaded = asyncio.run(served.closed_loop(body, params, 1, 8))
             inside_unloaded = faces.stats.remote().result()["times"]
             faces.reset_stats.remote().result()
-            loaded = asyncio.run(served.open_loop(body, params, rate, 16))
+            loaded = asyncio.run(served.open_loop(body, params, rate, args.open_seconds))
             stats = faces.stats.remote().result()
             report[name + turn] = {"settings": settings, "unloaded": unloaded, "open_loop": loaded,
                                    "p99_over_unloaded_p50": loaded["p99_ms"] / unloaded["p50_ms"],
@@ -248,6 +248,7 @@ def main() -> None:
                    help="a name and the user_config entries it changes (default: face_batch_size 8, then 1)")
     f.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "rs-cache",
                    help="weights and compiled kernels")
+    f.add_argument("--open-seconds", type=float, default=16.0, help="each turn's open loop")
     args = parser.parse_args()
     what = {"queue": queue, "overlap": overlap, "client": client, "face-settings": face_settings}[args.what]
     print(json.dumps(what(args), indent=2))
