@@ -104,9 +104,6 @@ class RuntimeConfig(_Strict):
     request_timeout_s: float = Field(default=120.0, gt=0)
     cpu_threads: int = Field(default=2, gt=0, description="Threads per CPU replica for decode, tiles, "
                              "paste-back and encode (OpenCV and numpy release the GIL).")
-    cpu_niceness: int = Field(default=0, ge=0, le=19, description="Scheduler niceness of those threads: "
-                              "above 0, when they fill the node's cores, the GPU replicas' threads, the "
-                              "ingress and the HTTP proxy run first.")
     gpu_memory_fraction: float | None = Field(
         default=None, gt=0, le=1, description="Cap on a GPU replica's share of its card's memory; "
         "default: its num_gpus, so replicas sharing a card cannot starve each other.")

@@ -45,15 +45,15 @@ class PreprocessDeployment:
     def __init__(self, args: AppArgs, upscaler: DeploymentHandle, faces: DeploymentHandle):
         self.args, self.upscaler, self.faces = args, upscaler, faces
         self.runtime = RuntimeConfig()
-        self.workers = _workers(self.runtime)
+        self.workers = Workers(cpu_threads=self.runtime.cpu_threads)
         # Parallelism comes from replicas and their threads; OpenCV's own pool would oversubscribe.
         cv2.setNumThreads(1)
         freeze_heap()
 
     def reconfigure(self, user_config: dict) -> None:
         runtime = RuntimeConfig.model_validate(user_config)
-        if (runtime.cpu_threads, runtime.cpu_niceness) != (self.runtime.cpu_threads, self.runtime.cpu_niceness):
-            self.workers = _workers(runtime)
+        if runtime.cpu_threads != self.runtime.cpu_threads:
+            self.workers = Workers(cpu_threads=runtime.cpu_threads)
         self.runtime = runtime
 
     def ping(self) -> bool:
@@ -129,10 +129,6 @@ class PreprocessDeployment:
             result = await self.workers.cpu(paste_faces, pixels, found, restored, masks, upscale=upscale,
                                             aligned=options.aligned, background=background)
         return result.image, result.faces_restored
-
-
-def _workers(runtime: RuntimeConfig) -> Workers:
-    return Workers(cpu_threads=runtime.cpu_threads, cpu_niceness=runtime.cpu_niceness)
 
 
 def _typed(exc: BaseException) -> BaseException:

@@ -15,7 +15,6 @@ keeps answering health checks and queue probes and gathers the next batch.
 from __future__ import annotations
 
 import asyncio
-import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -23,11 +22,10 @@ import torch
 
 
 class Workers:
-    def __init__(self, cpu_threads: int = 2, device_lanes: int = 1, cpu_niceness: int = 0):
+    def __init__(self, cpu_threads: int = 2, device_lanes: int = 1):
         self._lanes = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"device{lane}",
                                           initializer=_own_cuda_stream) for lane in range(device_lanes)]
-        self._cpu = ThreadPoolExecutor(max_workers=cpu_threads, thread_name_prefix="cpu",
-                                       initializer=_nice, initargs=(cpu_niceness,))
+        self._cpu = ThreadPoolExecutor(max_workers=cpu_threads, thread_name_prefix="cpu")
 
     async def device(self, fn, *args, lane: int = 0, **kwargs):
         """``fn(*args, **kwargs)`` on device lane ``lane``, after the lane's earlier work."""
@@ -35,13 +33,6 @@ class Workers:
 
     async def cpu(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self._cpu, partial(fn, *args, **kwargs))
-
-
-def _nice(niceness: int) -> None:
-    """Give this thread the scheduler's ``niceness`` (Linux keeps it per thread; a new thread
-    starts with its creator's, here the event loop's). Raising it needs no privilege."""
-    if niceness:
-        os.setpriority(os.PRIO_PROCESS, 0, niceness)
 
 
 def _own_cuda_stream() -> None:
