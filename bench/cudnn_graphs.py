@@ -59,7 +59,7 @@ class FusedConv:
     ``dst_channels`` buffer. All plans are built; the fastest is kept."""
 
     def __init__(self, cudnn, handle, cin: int, src_channels: int, cout: int, dst_channels: int, residual: bool):
-        self.cudnn, self.handle = cudnn, handle
+        self.handle = handle
         half = cudnn.data_type.HALF
         g = cudnn.pygraph(io_data_type=half, intermediate_data_type=cudnn.data_type.FLOAT,
                           compute_data_type=cudnn.data_type.FLOAT, handle=handle)
