@@ -32,6 +32,7 @@ import yaml
 from ray import serve
 
 from bench.common import known_face_detector, percentiles, photo, png
+from bench.host_cpu import LOAD_GENERATOR, HostCpu
 from serve_app.config import AppArgs
 from serve_app.deployments.faces import FaceDeployment
 from serve_app.deployments.heap import freeze_heap
@@ -209,13 +210,15 @@ def _path(name: str, body: bytes, params: dict, levels: list[int], seconds: floa
     concurrency = levels[0]
     while concurrency is not None:
         _reset_gpu_stats()
-        level = asyncio.run(closed_loop(body, params, concurrency, seconds))
-        results.append({**level, **_gpu_replica_times(name)})
+        with HostCpu() as host:
+            level = asyncio.run(closed_loop(body, params, concurrency, seconds))
+        results.append({**level, **_gpu_replica_times(name), "host_cpu": host.report})
         concurrency = levels[len(results)] if len(results) < len(levels) else more_load(results)
     best = max(r["images_per_s"] for r in results)
     _reset_gpu_stats()
-    loaded = asyncio.run(open_loop(body, params, 0.7 * best, open_seconds))
-    loaded.update(_gpu_replica_times(name))
+    with HostCpu() as host:
+        loaded = asyncio.run(open_loop(body, params, 0.7 * best, open_seconds))
+    loaded.update(_gpu_replica_times(name), host_cpu=host.report)
     unloaded = results[0]["p50_ms"]
     loaded["p99_over_unloaded_p50"] = loaded["p99_ms"] / unloaded
     # how much of that tail a request has alone, and how much the load adds to it
@@ -225,7 +228,13 @@ def _path(name: str, body: bytes, params: dict, levels: list[int], seconds: floa
     cpu_ms = sum(v for k, v in results[0]["steps_ms_p50"].items() if k in CPU_STEPS)
     return {"path": name, "params": params, "closed_loop": results, "best_images_per_s": best,
             "open_loop_at_70_percent": loaded, "cpu_ms_per_request": cpu_ms,
-            "cpu_cores_at_best_rate": cpu_ms * best / 1e3}
+            "cpu_cores_at_best_rate": cpu_ms * best / 1e3,
+            "node_cores_at_best_rate": _service_cores(max(results, key=lambda r: r["images_per_s"])["host_cpu"])}
+
+
+def _service_cores(host: dict) -> float:
+    """The node's busy cores less the load generator's own: what serving took, all processes."""
+    return round(host["busy_cores"] - host["cores_by_process"].get(LOAD_GENERATOR, 0.0), 2)
 
 
 def _reset_gpu_stats() -> None:
