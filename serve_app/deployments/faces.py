@@ -21,7 +21,7 @@ from ray import serve
 from serve_app.config import AppArgs, RuntimeConfig
 from serve_app.deployments.batching import DeviceBatcher, group_indices
 from serve_app.deployments.gpu import StepTimes, cap_gpu_memory, gpu_memory
-from serve_app.deployments.heap import freeze_heap
+from serve_app.deployments.heap import freeze_heap, keep_freed_memory
 from serve_app.deployments.models import EngineCache
 from serve_app.deployments.threads import Workers
 from serve_app.engines.device import resolve_device
@@ -36,6 +36,7 @@ _DETECT, _RESTORE = 0, 1  # the device lanes
 @serve.deployment
 class FaceDeployment:
     def __init__(self, args: AppArgs):
+        keep_freed_memory()
         self.args, self.store = args, WeightsStore(args.weights)
         self.runtime = RuntimeConfig()
         self.engines = EngineCache(self._load)

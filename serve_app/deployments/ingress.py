@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 from serve_app.api import Restored, parse_options
 from serve_app.config import AppArgs, RuntimeConfig
 from serve_app.deployments.failures import typed_error
-from serve_app.deployments.heap import freeze_heap
+from serve_app.deployments.heap import freeze_heap, keep_freed_memory
 from serve_app.errors import InvalidOption, Overloaded, RestoreError, TooManyBytes
 from serve_app.weights import MODELS, WeightsStore
 
@@ -34,6 +34,7 @@ CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 class Ingress:
     def __init__(self, args: AppArgs, preprocess: DeploymentHandle, upscaler: DeploymentHandle,
                  faces: DeploymentHandle):
+        keep_freed_memory()
         # The GPU deployments' handles serve /healthz only; requests go through the CPU deployment.
         self.args, self.store, self.runtime = args, WeightsStore(args.weights), RuntimeConfig()
         self.preprocess, self.upscaler, self.faces = preprocess, upscaler, faces

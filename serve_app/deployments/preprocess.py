@@ -18,7 +18,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.api import Restored, RestoreOptions
 from serve_app.config import AppArgs, RuntimeConfig
 from serve_app.deployments.failures import typed_error
-from serve_app.deployments.heap import freeze_heap
+from serve_app.deployments.heap import freeze_heap, keep_freed_memory
 from serve_app.deployments.threads import Workers
 from serve_app.engines.faces import paste_faces, to_bgr8
 from serve_app.engines.upscaler import TilePlanner
@@ -43,6 +43,7 @@ class Encoded:
 @serve.deployment
 class PreprocessDeployment:
     def __init__(self, args: AppArgs, upscaler: DeploymentHandle, faces: DeploymentHandle):
+        keep_freed_memory()  # each request's buffers reuse the last one's pages
         self.args, self.upscaler, self.faces = args, upscaler, faces
         self.runtime = RuntimeConfig()
         self.workers = Workers(cpu_threads=self.runtime.cpu_threads)
