@@ -206,6 +206,13 @@ def _served_rows(srv: dict) -> list[str]:
                           if k in served.CPU_STEPS)
         rows.append(f"| {name}: CPU ms per request ({steps}); busy cores at the best rate "
                     f"| {path['cpu_ms_per_request']:.0f} ms | {path['cpu_cores_at_best_rate']:.1f} cores | |")
+    for name, path in paths:  # what the node gives the service: proxy, ingress, GPU replicas and Ray too
+        if "node_cores_at_best_rate" in path:
+            best = max(path["closed_loop"], key=lambda level: level["images_per_s"])
+            host = best["host_cpu"]
+            rows.append(f"| {name}: the node's busy cores at the best rate, all processes but the load generator "
+                        f"(busiest 0.5 s) | {path['node_cores_at_best_rate']:.1f} cores "
+                        f"({host['busiest_0.5s_busy_cores']:.1f}) | {host['host_cores']} cores | |")
     for level in srv["upscale"]["closed_loop"]:
         times = level["upscaler_replica"]["times"]
         if times.get("requests"):
