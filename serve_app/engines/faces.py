@@ -155,12 +155,11 @@ def paste_faces(image: np.ndarray, found: FoundFaces, restored: list[np.ndarray]
     image already upscaled by a network), as GFPGANer does. Pure CPU: no network needed."""
     if aligned:
         return FaceResult(restored[0], found.faces_detected, 1, found.crops, restored)
-    h, w = image.shape[:2]
-    size = (int(w * upscale), int(h * upscale))
     if background is None:
-        canvas = lanczos_upscale(image, upscale)  # cv2.resize's Lanczos, as GFPGANer's, faster
+        canvas = lanczos_upscale(image, upscale)  # GFPGANer's cv2.resize, byte for byte, in less time
     else:
-        canvas = cv2.resize(background, size, interpolation=cv2.INTER_LANCZOS4)
+        h, w = image.shape[:2]
+        canvas = cv2.resize(background, (int(w * upscale), int(h * upscale)), interpolation=cv2.INTER_LANCZOS4)
     if restored:
         canvas = _paste(canvas, found, restored, masks, upscale)
     return FaceResult(canvas, found.faces_detected, len(restored), found.crops, restored)

@@ -1,11 +1,12 @@
-"""OpenCV's Lanczos upscaling by 2, 4 or 8, byte for byte, in about half its CPU time.
+"""OpenCV's Lanczos upscaling by 2, 4 or 8, byte for byte, in 55-80% of its CPU time.
 
 GFPGANer enlarges the whole photo with ``cv2.resize(..., INTER_LANCZOS4)`` when no network
 upscales the background, and so does our paste-back: for a 512x512 photo at x2 that resize
 was 60% of the paste (22 of 36 ms of one core), since OpenCV runs its 8-tap Lanczos filter as
 plain scalar code. At a whole-number scale every output row and column falls on one of
 ``scale`` phases with fixed taps, so the same sums are OpenCV's vectorised ``filter2D`` once
-per phase, interleaved.
+per phase, interleaved: a 512x512 photo at x2 in 11-16 ms against 19-25 (one core, two
+hosts), at x4 45 against 58 ms, a 2048x2048 one at x2 234 against 302 ms.
 
 To give OpenCV's bytes, the sums are OpenCV's own: its taps in 11-bit fixed point, a
 horizontal pass whose integer sums are exact in float32 (under 2^24), a vertical pass in
@@ -23,7 +24,7 @@ import numpy as np
 
 _COEF_SCALE = 2048  # OpenCV's INTER_RESIZE_COEF_SCALE: 11 fractional bits per pass
 _FAST_SCALES = (2, 4, 8)  # powers of two: each phase's offset is exact in float32, as OpenCV computes it
-_BAND_ROWS = 128  # input rows per band: bounds the float buffers, which are 10-20x the output's bytes
+_BAND_ROWS = 128  # input rows per band: the float64 rows, several times the output's bytes, stay a band's worth
 _HALO = 4  # rows above and below a band that its taps read
 
 
