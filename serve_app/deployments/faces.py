@@ -75,7 +75,8 @@ class FaceDeployment:
     async def restore(self, work: np.ndarray, face_model: str, strength: float = 1.0,
                       only_center_face: bool = False, aligned: bool = False
                       ) -> tuple[FoundFaces, list[np.ndarray], list[np.ndarray]]:
-        """An 8-bit BGR picture -> its faces, their restored versions and their paste masks."""
+        """An 8-bit BGR picture -> where its faces are (the affines that cut them out, and how many
+        were found), their restored versions and their paste masks."""
         if face_model not in self.args.face_models:
             raise InvalidOption(f"face_model must be one of {', '.join(self.args.face_models)}")
         if not 0.0 <= strength <= 1.0:  # here, before it can fail a batch shared with others
@@ -98,7 +99,9 @@ class FaceDeployment:
                        restore=max((r for _, _, r in done), default=0.0) * 1e3,
                        inside=(time.perf_counter() - entered) * 1e3)
         faces = [face for (face, _), _, _ in done]
-        return found, faces, [] if aligned else [mask for (_, mask), _, _ in done]
+        # The crops stay here: pasting needs only where they were cut (768 KB less a face to send).
+        placed = FoundFaces(affines=found.affines, faces_detected=found.faces_detected)
+        return placed, faces, [] if aligned else [mask for (_, mask), _, _ in done]
 
     async def _detect_batch(self, items: list[tuple[FaceEngine, np.ndarray]]) -> list[np.ndarray]:
         """One detector pass per model over the pictures of every waiting request (the detector
