@@ -151,7 +151,7 @@ def test_serve_config_validates_with_rays_own_schema():
     schema = ServeDeploySchema.model_validate(config)
     deployments = {d.name: d for d in schema.applications[0].deployments}
     assert set(deployments) == {"Ingress", "PreprocessDeployment", "UpscalerDeployment", "FaceDeployment"}
-    up, faces = deployments["UpscalerDeployment"], deployments["FaceDeployment"]
+    up, faces, cpu = (deployments[name] for name in ("UpscalerDeployment", "FaceDeployment", "PreprocessDeployment"))
     # at their minimum, one upscaler and the face replicas fill one GPU
     assert up.ray_actor_options.num_gpus + faces.ray_actor_options.num_gpus * faces.autoscaling_config[
         "min_replicas"] == 1
@@ -160,6 +160,9 @@ def test_serve_config_validates_with_rays_own_schema():
         assert d.ray_actor_options.num_gpus > 0 and d.ray_actor_options.num_cpus > 0
         batch = d.user_config["tile"]["batch_size"] if name == "UpscalerDeployment" else d.user_config["face_batch_size"]
         assert d.max_ongoing_requests >= batch  # otherwise batches never fill
+        # one GPU replica takes every call the CPU replicas can have in flight: a call left in
+        # a caller's router waits there with backoff while the GPU idles
+        assert d.max_ongoing_requests >= cpu.max_ongoing_requests * cpu.autoscaling_config["max_replicas"]
         assert d.autoscaling_config["max_replicas"] > d.autoscaling_config["min_replicas"]
     raw = {d["name"]: d for d in config["applications"][0]["deployments"]}
     assert all({"num_cpus", "num_gpus"} <= set(d["ray_actor_options"]) for d in raw.values())  # restated whole
