@@ -287,7 +287,7 @@ def run(report: dict, folder: Path, cache: Path, *, tile: int, batch: int, sizes
     latencies: list[float] = []
     asyncio.run(_one(png(big), latencies))
     report["largest"] = {"input": list(big.shape[:2]), "scale": 4, "ms": latencies[0]}
-    report["gpu_replicas"] = {name: {"device": s["device"], "gpu_memory": s["gpu_memory"]}
+    report["gpu_replicas"] = {name: {"device": s["device"], "gpu_memory": s["gpu_memory"], "gpu_waits": s["gpu_waits"]}
                               for name, s in _gpu_stats().items()}
     serve.delete("restore")
     return report

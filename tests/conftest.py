@@ -2,6 +2,8 @@
 releases are and read back through our own weights store; real photos from scikit-image."""
 from __future__ import annotations
 
+import ctypes
+
 import cv2
 import numpy as np
 import pytest
@@ -71,3 +73,12 @@ def small_photo(astronaut_bgr) -> np.ndarray:
 ASTRONAUT_FACE = np.array(
     [[150, 40, 300, 230, 0.99, 200, 110, 250, 110, 225, 140, 205, 170, 245, 170]], np.float32
 )
+
+
+def has_cuda_driver() -> bool:
+    """Whether this machine has a CUDA driver (the GPU replicas then sleep while the GPU works)."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True

@@ -25,7 +25,7 @@ from ray import serve
 from ray.cluster_utils import Cluster
 from ray.serve.schema import ServeDeploySchema
 
-from conftest import ASTRONAUT_FACE
+from conftest import ASTRONAUT_FACE, has_cuda_driver
 from serve_app.config import EngineConfig, TileConfig
 from serve_app.engines import face_geometry as geo
 from serve_app.engines.upscaler import load_upscaler
@@ -292,6 +292,12 @@ def test_concurrent_requests_share_forward_passes(deployed, astronaut_bgr):
     for img, result in zip(images, results):  # and each caller got its own picture back
         alone = handle.restore.remote(img, model="realesr-animevideov3").result().pixels
         np.testing.assert_array_equal(result, alone)
+
+
+def test_gpu_replicas_report_how_they_wait_for_the_gpu(deployed):
+    expected = "sleep" if has_cuda_driver() else None  # sleep_while_gpu_works, at the replica's start
+    for name in ("UpscalerDeployment", "FaceDeployment"):
+        assert serve.get_deployment_handle(name, "restore").stats.remote().result()["gpu_waits"] == expected
 
 
 def test_concurrent_face_requests_share_detector_and_restorer_passes(deployed, astronaut_bgr):

@@ -20,7 +20,7 @@ from ray import serve
 
 from serve_app.config import AppArgs, RuntimeConfig
 from serve_app.deployments.batching import DeviceBatcher, group_indices
-from serve_app.deployments.gpu import StepTimes, cap_gpu_memory, gpu_memory
+from serve_app.deployments.gpu import StepTimes, cap_gpu_memory, gpu_memory, gpu_waits, sleep_while_gpu_works
 from serve_app.deployments.heap import freeze_heap, keep_freed_memory
 from serve_app.deployments.models import EngineCache
 from serve_app.deployments.threads import Workers
@@ -37,6 +37,7 @@ _DETECT, _RESTORE = 0, 1  # the device lanes
 class FaceDeployment:
     def __init__(self, args: AppArgs):
         keep_freed_memory()
+        sleep_while_gpu_works()  # before PyTorch makes its CUDA context
         self.args, self.store = args, WeightsStore(args.weights)
         self.runtime = RuntimeConfig()
         self.engines = EngineCache(self._load)
@@ -132,7 +133,8 @@ class FaceDeployment:
     async def stats(self) -> dict:
         return {"device": str(self.device), "failures": dict(self.engines.failures),
                 "batch_sizes": {step: dict(sizes) for step, sizes in self.batch_sizes.items()},
-                "times": self.times.summary(), "gpu_memory": gpu_memory(self.device, self.memory_fraction)}
+                "times": self.times.summary(), "gpu_memory": gpu_memory(self.device, self.memory_fraction),
+                "gpu_waits": gpu_waits()}
 
     async def reset_stats(self) -> None:
         """Forget counts and times (the benchmark measures each load level on its own)."""

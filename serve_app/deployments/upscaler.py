@@ -17,7 +17,7 @@ from ray import serve
 
 from serve_app.config import AppArgs, RuntimeConfig
 from serve_app.deployments.batching import DeviceBatcher, group_indices
-from serve_app.deployments.gpu import StepTimes, cap_gpu_memory, gpu_memory
+from serve_app.deployments.gpu import StepTimes, cap_gpu_memory, gpu_memory, gpu_waits, sleep_while_gpu_works
 from serve_app.deployments.heap import freeze_heap, keep_freed_memory
 from serve_app.deployments.models import EngineCache
 from serve_app.deployments.threads import Workers
@@ -33,6 +33,7 @@ log = logging.getLogger("ray.serve")
 class UpscalerDeployment:
     def __init__(self, args: AppArgs):
         keep_freed_memory()
+        sleep_while_gpu_works()  # before PyTorch makes its CUDA context
         self.args, self.store = args, WeightsStore(args.weights)
         self.runtime = RuntimeConfig()
         self.engines = EngineCache(self._load)
@@ -102,7 +103,7 @@ class UpscalerDeployment:
         return {"device": str(self.device), "failures": dict(self.engines.failures), "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "batch_sizes": dict(self.batch_sizes), "times": self._times(),
-                "gpu_memory": gpu_memory(self.device, self.memory_fraction),
+                "gpu_memory": gpu_memory(self.device, self.memory_fraction), "gpu_waits": gpu_waits(),
                 "runtime": self.runtime.model_dump(mode="json")}
 
     def _times(self) -> dict:
