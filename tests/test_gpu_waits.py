@@ -37,4 +37,3 @@ def test_the_setting_still_takes_once_pytorch_holds_its_cuda_context():
         assert gpu.sleep_while_gpu_works() and gpu.gpu_waits() == "sleep"
     else:
         assert gpu.sleep_while_gpu_works() is False and gpu.gpu_waits() is None
-

@@ -35,9 +35,9 @@ def sleep_while_gpu_works() -> bool:
     is set; False where there is no CUDA driver.
 
     With one CUDA context and more cores than that, CUDA's default is to spin: a device lane
-    waiting for a batch keeps a core busy for the whole batch, about one core per GPU replica
-    under load, taken from the CPU replicas on the same node. Waking from a sleep costs
-    microseconds against the milliseconds of a batch.
+    waiting for a batch keeps a core busy for the whole batch, taken from the CPU replicas on
+    the same node. ``python -m bench.gpu_waits`` (H200, a batch of 8 tiles): 1.00 core busy
+    with the default, 0.44 sleeping, at the same batches a second.
     """
     driver = _cuda_driver()
     if driver is None:
