@@ -1,6 +1,7 @@
 """Where the served paths' p99 under load comes from: the measurements behind the README.
 
     python -m bench.tail queue [--rate 66.6] [--fixed-ms 4.9] [--tile-ms 9.0] [--unloaded-ms 59]
+    python -m bench.tail bound RESULTS.json [...]
     python -m bench.tail overlap          # CUDA only
     python -m bench.tail client [--rate 64]
     python -m bench.tail face-settings [--variant NAME JSON ...] [--open-seconds 16]   # CUDA only
@@ -11,6 +12,13 @@
   ``fixed + n * tile`` ms: the GPU step's p50/p99 and mean batch, for several caps, against one
   request alone; and the floor of a whole request's p99 (all but the GPU step kept at their
   unloaded times) against its unloaded p50.
+- ``bound``: for each served run's upscale path, the best p99 over unloaded p50 that any order
+  or batching could give at 70% of its peak, on a perfect device: one that takes exactly
+  1/peak seconds a tile whatever its batch (no cost per batch, no wait for company), so tiles
+  go one at a time in arrival order (for jobs of equal size, no other order has a shorter
+  tail). Everything else in the request keeps its unloaded time. Also: how much of that time
+  2x would need with the run's peak, or how cheap a tile would have to be with the run's
+  other work.
 - ``overlap``: two CUDA-graph sets of the compiled x4plus replayed from two threads on two
   streams, against the same replays one after the other: what a second device lane would gain.
 - ``client``: the load generator's own share of a 3 MB answer, httpx against aiohttp, from a
@@ -57,8 +65,8 @@ def simulate_queue(rate: float, batch_ms, cap: int, wait_ms: float, requests: in
         latencies.extend(end - arrivals[i:j])
         sizes.append(j - i)
         free, i = end, j
-    return {"p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99)),
-            "mean_batch": float(np.mean(sizes))}
+    return {"mean_ms": float(np.mean(latencies)), "p50_ms": float(np.percentile(latencies, 50)),
+            "p99_ms": float(np.percentile(latencies, 99)), "mean_batch": float(np.mean(sizes))}
 
 
 def queue(args) -> dict:
@@ -72,6 +80,31 @@ def queue(args) -> dict:
     return {"rate_per_s": args.rate, "batch_ms": f"{args.fixed_ms} + {args.tile_ms} * tiles", "alone_ms": alone,
             "by_cap": by_cap, "request_p99_floor_ms": floor_ms,
             "request_p99_floor_over_unloaded_p50": floor_ms / args.unloaded_ms}
+
+
+def perfect_device_bound(peak_per_s: float, unloaded_ms: float, inside_ms: float, load: float = 0.7) -> dict:
+    """See ``bound`` in the module's note. ``inside_ms``: the unloaded time inside the GPU
+    replica, the part a perfect device would replace by one tile's time."""
+    tile_ms, other_ms = 1e3 / peak_per_s, unloaded_ms - inside_ms
+    p99_ms = simulate_queue(load * peak_per_s, lambda n: tile_ms * n, cap=1, wait_ms=0.0)["p99_ms"]
+    tiles = p99_ms / tile_ms  # the GPU step's p99 in tiles: the same for every tile time at one load
+    return {"tile_ms": tile_ms, "other_ms": other_ms, "gpu_step_p99_ms": p99_ms, "gpu_step_p99_in_tiles": tiles,
+            "p99_over_unloaded_p50": (other_ms + p99_ms) / (other_ms + tile_ms),
+            # (other + tiles * tile) <= 2 * (other + tile), solved for each
+            "other_ms_for_2x": (tiles - 2) * tile_ms, "tile_ms_for_2x": other_ms / (tiles - 2)}
+
+
+def bound(args) -> dict:
+    report = {}
+    for path in args.results:
+        upscale = json.loads(Path(path).read_text())["served"]["upscale"]
+        unloaded = upscale["closed_loop"][0]
+        report[Path(path).name] = {
+            "peak_per_s": upscale["best_images_per_s"], "unloaded_p50_ms": unloaded["p50_ms"],
+            "measured": upscale["open_loop_at_70_percent"]["p99_over_unloaded_p50"],
+            "perfect_device": perfect_device_bound(upscale["best_images_per_s"], unloaded["p50_ms"],
+                                                   unloaded["upscaler_replica"]["times"]["inside_ms_p50"])}
+    return report
 
 
 def overlap(args) -> dict:
@@ -240,6 +273,8 @@ def main() -> None:
     q.add_argument("--wait-ms", type=float, default=5.0, help="upscaler_batch_wait_s, in ms")
     q.add_argument("--cap", type=int, default=8, choices=(2, 4, 8), help="tile.batch_size, for the floor")
     q.add_argument("--unloaded-ms", type=float, default=59.0, help="a whole request's unloaded p50 (run l)")
+    b = sub.add_parser("bound")
+    b.add_argument("results", nargs="+", type=Path, help="JSON files of served runs (bench/results/)")
     sub.add_parser("overlap")
     c = sub.add_parser("client")
     c.add_argument("--rate", type=float, default=64.0)
@@ -250,7 +285,7 @@ def main() -> None:
                    help="weights and compiled kernels")
     f.add_argument("--open-seconds", type=float, default=16.0, help="each turn's open loop")
     args = parser.parse_args()
-    what = {"queue": queue, "overlap": overlap, "client": client, "face-settings": face_settings}[args.what]
+    what = {"queue": queue, "bound": bound, "overlap": overlap, "client": client, "face-settings": face_settings}[args.what]
     print(json.dumps(what(args), indent=2))
 
 

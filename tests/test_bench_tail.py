@@ -1,0 +1,50 @@
+"""The queue simulation behind the README's tail figures, against queueing theory's exact answers."""
+import math
+
+import pytest
+
+from bench.tail import perfect_device_bound, simulate_queue
+
+TILE_MS, RATE = 10.0, 70.0  # a device 70% busy, one tile at a time
+
+
+def _md1_wait_cdf(t_ms: float) -> float:
+    """P(wait <= t) in an M/D/1 queue (Erlang's formula for a fixed service time)."""
+    lam, rho = RATE / 1e3, RATE * TILE_MS / 1e3
+    total = sum((-lam * (t_ms - k * TILE_MS)) ** k / math.factorial(k) * math.exp(lam * (t_ms - k * TILE_MS))
+                for k in range(int(t_ms // TILE_MS) + 1))
+    return (1 - rho) * total
+
+
+def _md1_p99_ms() -> float:
+    low, high = 0.0, 30 * TILE_MS
+    while high - low > 1e-3:
+        mid = (low + high) / 2
+        low, high = (mid, high) if _md1_wait_cdf(mid) < 0.99 else (low, mid)
+    return low + TILE_MS  # waited, then served
+
+
+def test_one_tile_at_a_time_matches_the_exact_m_d_1_queue():
+    simulated = simulate_queue(RATE, lambda n: TILE_MS * n, cap=1, wait_ms=0.0)
+    rho = RATE * TILE_MS / 1e3
+    assert simulated["mean_ms"] == pytest.approx(TILE_MS + rho * TILE_MS / (2 * (1 - rho)), rel=0.03)  # Pollaczek-Khinchine
+    assert simulated["p99_ms"] == pytest.approx(_md1_p99_ms(), rel=0.03)
+    assert simulated["mean_batch"] == 1.0
+
+
+def test_batches_of_equal_tiles_make_the_tail_longer_on_a_device_with_no_cost_per_batch():
+    # Each tile of a batch waits for the whole batch, and nothing is saved by batching.
+    one = simulate_queue(RATE, lambda n: TILE_MS * n, cap=1, wait_ms=0.0)
+    eight = simulate_queue(RATE, lambda n: TILE_MS * n, cap=8, wait_ms=0.0)
+    assert eight["mean_batch"] > 1.2 and eight["p99_ms"] > one["p99_ms"]
+
+
+def test_the_perfect_device_bound_is_2x_exactly_where_it_says_2x_needs():
+    bound = perfect_device_bound(peak_per_s=100.0, unloaded_ms=60.0, inside_ms=18.0)
+    assert bound["other_ms"] == 42.0 and bound["tile_ms"] == 10.0
+    # The tail in tiles depends on the load only, so the answers solve the equation exactly.
+    with_needed_other = perfect_device_bound(100.0, unloaded_ms=bound["other_ms_for_2x"] + 18.0, inside_ms=18.0)
+    with_needed_tile = perfect_device_bound(1e3 / bound["tile_ms_for_2x"], unloaded_ms=60.0, inside_ms=18.0)
+    for answer in (with_needed_other, with_needed_tile):
+        assert answer["p99_over_unloaded_p50"] == pytest.approx(2.0, rel=1e-9)
+    assert bound["gpu_step_p99_in_tiles"] == pytest.approx(with_needed_tile["gpu_step_p99_in_tiles"], rel=1e-9)
