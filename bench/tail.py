@@ -15,8 +15,9 @@
 - ``bound``: for each served run's upscale path, the best p99 over unloaded p50 that any order
   or batching could give at 70% of its peak, on a perfect device: one that takes exactly
   1/peak seconds a tile whatever its batch (no cost per batch, no wait for company), so tiles
-  go one at a time in arrival order (for jobs of equal size, no other order has a shorter
-  tail). Everything else in the request keeps its unloaded time. Also: how much of that time
+  go one at a time in arrival order (with equal jobs, another order only moves waiting from
+  one request to another; in order keeps the longest wait shortest). Everything else in the
+  request keeps its unloaded time. Also: how much of that time
   2x would need with the run's peak, or how cheap a tile would have to be with the run's
   other work.
 - ``overlap``: two CUDA-graph sets of the compiled x4plus replayed from two threads on two
