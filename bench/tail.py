@@ -17,9 +17,8 @@
   1/peak seconds a tile whatever its batch (no cost per batch, no wait for company), so tiles
   go one at a time in arrival order (with equal jobs, another order only moves waiting from
   one request to another; in order keeps the longest wait shortest). Everything else in the
-  request keeps its unloaded time. Also: how much of that time
-  2x would need with the run's peak, or how cheap a tile would have to be with the run's
-  other work.
+  request keeps its unloaded time. Also how long that other work would have to take for 2x at
+  the run's peak, or how cheap a tile would have to be with the run's other work.
 - ``overlap``: two CUDA-graph sets of the compiled x4plus replayed from two threads on two
   streams, against the same replays one after the other: what a second device lane would gain.
 - ``client``: the load generator's own share of a 3 MB answer, httpx against aiohttp, from a
@@ -286,7 +285,8 @@ def main() -> None:
                    help="weights and compiled kernels")
     f.add_argument("--open-seconds", type=float, default=16.0, help="each turn's open loop")
     args = parser.parse_args()
-    what = {"queue": queue, "bound": bound, "overlap": overlap, "client": client, "face-settings": face_settings}[args.what]
+    what = {"queue": queue, "bound": bound, "overlap": overlap, "client": client,
+            "face-settings": face_settings}[args.what]
     print(json.dumps(what(args), indent=2))
 
 
