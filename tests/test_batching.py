@@ -16,12 +16,13 @@ from serve_app.deployments.threads import Workers
 
 
 def _device(sizes, seconds=0.05, fail_on=None):
-    async def run(items):
+    async def run(items, deliver):
         sizes.append(len(items))
         await asyncio.sleep(seconds)  # the forward pass; the event loop stays free meanwhile
         if fail_on is not None and fail_on in items:
             raise ValueError("bad tile")
-        return [item * 10 for item in items]
+        for i, item in enumerate(items):
+            deliver(i, item * 10)
     return run
 
 
@@ -117,6 +118,44 @@ def test_a_batched_item_is_told_how_long_it_waited_and_how_long_its_batch_took()
     assert (first, second) == (10, 20)
     assert waited_1 < 0.04 <= waited_2  # at most the wait for company, then the whole first batch
     assert ran_1 >= 0.05 and ran_2 >= 0.05
+
+
+def test_an_item_delivered_early_does_not_wait_for_the_rest_of_its_batch():
+    async def main():
+        rest_may_go = asyncio.Event()
+
+        async def face_by_face(items, deliver):
+            deliver(0, items[0] * 10)  # the first face is done; the others are still on the device
+            await rest_may_go.wait()
+            for i in range(1, len(items)):
+                deliver(i, items[i] * 10)
+
+        batcher = DeviceBatcher(face_by_face, max_batch_size=4, wait_s=0.005)
+        items = [asyncio.ensure_future(batcher.submit_timed(i)) for i in (1, 2, 3)]
+        early, _, took_early = await items[0]  # returns while the batch still runs
+        assert not any(item.done() for item in items[1:])
+        await asyncio.sleep(0.05)
+        rest_may_go.set()
+        rest = await asyncio.gather(*items[1:])
+        return early, took_early, rest
+
+    early, took_early, rest = asyncio.run(main())
+    assert early == 10 and [r for r, _, _ in rest] == [20, 30]
+    assert all(took >= 0.05 > took_early for _, _, took in rest)  # each told the time until its own result
+
+
+def test_an_item_its_batch_never_delivered_gets_an_error_and_the_next_batch_runs():
+    async def main():
+        async def forgets_the_second(items, deliver):
+            deliver(0, items[0] * 10)
+
+        batcher = DeviceBatcher(forgets_the_second, max_batch_size=2, wait_s=0.005)
+        results = await asyncio.gather(batcher.submit(1), batcher.submit(2), return_exceptions=True)
+        return results, await batcher.submit(3)
+
+    (first, second), third = asyncio.run(main())
+    assert first == 10 and isinstance(second, RuntimeError) and "without this item's result" in str(second)
+    assert third == 30
 
 
 def test_groups_keep_order_and_detector_runs_keep_within_their_pixels():

@@ -264,3 +264,58 @@ def test_faces_overlapping_or_over_the_edges_paste_as_over_the_whole_canvas(astr
         expected = _whole_canvas_paste(canvas, scaled, [mask] * len(faces),
                                        [geo.inverse_affine(a, 2) for a in affines])
         np.testing.assert_array_equal(ours, expected)
+
+
+def test_the_face_replica_hands_out_faces_one_by_one_where_the_networks_run_face_by_face(engine, astronaut_bgr):
+    import copy
+
+    from serve_app.deployments.faces import restore_and_mask
+
+    _, landmarks = geo.faces_of(ASTRONAUT_FACE)
+    crops = [geo.align_face(astronaut_bgr, landmarks[0])[0], geo.align_face(astronaut_bgr[:, ::-1].copy(),
+                                                                            landmarks[0])[0]]
+    runs = {}
+    for face_by_face in (False, True):
+        events, results = [], {}
+        watched = copy.copy(engine)
+        watched.face_by_face = face_by_face
+        watched.restorer = lambda x, restorer=engine.restorer, events=events: (
+            events.append(f"restore {len(x)}"), restorer(x))[1]
+
+        def done(k, face, mask, events=events, results=results):
+            events.append(f"done {k}")
+            results[k] = (face, mask)
+
+        restore_and_mask(watched, crops, 1.0, True, done)
+        runs[face_by_face] = events, results
+    # Eager networks gain from a batch: both faces in one pass. Face by face, the first face is
+    # handed out before the second is restored.
+    assert runs[False][0] == ["restore 2", "done 0", "done 1"]
+    assert runs[True][0] == ["restore 1", "done 0", "restore 1", "done 1"]
+    for k in (0, 1):  # the k-th crop's face either way (CPU kernels differ by batch size), and its own mask
+        (batched_face, batched_mask), (alone_face, alone_mask) = runs[False][1][k], runs[True][1][k]
+        assert np.abs(batched_face.astype(int) - alone_face.astype(int)).max() <= 1
+        np.testing.assert_array_equal(alone_mask, engine.paste_masks([alone_face])[0])
+        np.testing.assert_array_equal(batched_mask, engine.paste_masks([batched_face])[0])
+
+
+def test_faces_handed_out_one_by_one_equal_those_restored_alone(store, astronaut_bgr, tmp_path):
+    # On CUDA (the GPU machine) this is the face replica's own engine: compiled, replayed from
+    # CUDA graphs whose output buffers the next face's replay overwrites while the earlier
+    # faces' results are still on their way to page-locked memory. On a CPU, the same steps.
+    from serve_app.config import WeightsConfig
+    from serve_app.weights import WeightsStore
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cached = WeightsStore(WeightsConfig(folder=store.config.folder, cache_dir=tmp_path, download=False))
+    engine = load_face_engine("GFPGANv1.4", cached, CPU.model_copy(
+        update={"device": device, "compile": "on" if device == "cuda" else "off"}))
+    engine.face_by_face = True  # so already where it compiles
+    _, landmarks = geo.faces_of(ASTRONAUT_FACE)
+    crops = [geo.align_face(picture, landmarks[0])[0] for picture in (astronaut_bgr, astronaut_bgr[:, ::-1].copy())]
+    each = list(engine.restore_each(crops))
+    assert len(each) == len(crops)
+    for (face, mask), crop in zip(each, crops):
+        alone = engine.restore([crop])[0]
+        np.testing.assert_array_equal(face, alone)
+        np.testing.assert_array_equal(mask, engine.paste_masks([alone])[0])

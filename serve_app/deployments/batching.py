@@ -7,6 +7,10 @@ batches of one tile at 16 concurrent requests, at half its throughput, while req
 250 ms in the replica. Here the next batch is formed only when the previous one is done, so it
 takes everything that queued meanwhile (up to ``max_batch_size``) and goes at once; only an
 item that finds the device idle waits, at most ``wait_s``, for company.
+
+A batch's work hands each item its result as soon as that result exists (``deliver``): work
+done in several device calls, group by group or face by face, lets its first items go while
+the device works on the rest, rather than every item waiting for the batch's last.
 """
 from __future__ import annotations
 
@@ -17,10 +21,16 @@ from typing import Awaitable, Callable, Generic, Hashable, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+Deliver = Callable[[int, R], None]  # (an item's index in its batch, its result), on the event loop
 
 
 class DeviceBatcher(Generic[T, R]):
-    def __init__(self, run_batch: Callable[[list[T]], Awaitable[list[R]]], max_batch_size: int, wait_s: float):
+    """``run_batch(items, deliver)`` does one batch's device work and calls ``deliver(i, result)``
+    for every item, each as soon as its result exists. An item it ends without delivering gets
+    an error, and every undelivered item gets the error the batch raised."""
+
+    def __init__(self, run_batch: Callable[[list[T], Deliver], Awaitable[None]], max_batch_size: int,
+                 wait_s: float):
         self._run_batch = run_batch
         self.max_batch_size, self.wait_s = max_batch_size, wait_s
         self._waiting: deque[tuple[T, asyncio.Future]] = deque()
@@ -33,7 +43,7 @@ class DeviceBatcher(Generic[T, R]):
 
     async def submit_timed(self, item: T) -> tuple[R, float, float]:
         """``submit``'s result, with the seconds ``item`` waited for its batch to start and the
-        seconds that batch took."""
+        seconds from that start to its result."""
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._serve())
         submitted = time.perf_counter()
@@ -50,18 +60,20 @@ class DeviceBatcher(Generic[T, R]):
             batch = [(item, future) for item, future in batch if not future.cancelled()]
             if not batch:
                 continue
-            started = time.perf_counter()
+            started, futures = time.perf_counter(), [future for _, future in batch]
+
+            def deliver(i: int, result: R) -> None:
+                if not futures[i].done():  # a caller may have gone meanwhile
+                    futures[i].set_result((result, started, time.perf_counter()))
+
             try:
-                results = await self._run_batch([item for item, _ in batch])
-            except Exception as exc:  # noqa: BLE001  every caller of the batch gets the error
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-            else:
-                ended = time.perf_counter()
-                for (_, future), result in zip(batch, results):
-                    if not future.done():
-                        future.set_result((result, started, ended))
+                await self._run_batch([item for item, _ in batch], deliver)
+                error: Exception = RuntimeError("the device batch ended without this item's result")
+            except Exception as exc:  # noqa: BLE001  every caller still waiting gets the error
+                error = exc
+            for future in futures:
+                if not future.done():
+                    future.set_exception(error)
             backlog = bool(self._waiting)
 
     async def _next_batch(self, backlog: bool) -> list[tuple[T, asyncio.Future]]:

@@ -2,7 +2,8 @@
 
 Under load a face replica answers many requests at once, so every network step batches: the
 detector over same-size pictures, GFPGAN and the parser over the faces of every waiting request
-(on CUDA these two run compiled, face by face, and the paste masks are made there too).
+(on CUDA these two run compiled, face by face, so each face goes back to its request as soon as
+it is done; the paste masks are made there too).
 The two steps run in two device lanes (threads with CUDA streams of their own), so the next
 pictures are searched for faces while the last faces are restored. Aligning the faces is CPU
 work on this replica's small pool; pasting them back, and the background, are the CPU
@@ -14,12 +15,13 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from typing import Callable
 
 import numpy as np
 from ray import serve
 
 from serve_app.config import AppArgs, RuntimeConfig
-from serve_app.deployments.batching import DeviceBatcher, group_indices
+from serve_app.deployments.batching import Deliver, DeviceBatcher, group_indices
 from serve_app.deployments.gpu import StepTimes, cap_gpu_memory, gpu_memory, gpu_waits, sleep_while_gpu_works
 from serve_app.deployments.heap import freeze_heap, keep_freed_memory
 from serve_app.deployments.models import EngineCache
@@ -104,31 +106,31 @@ class FaceDeployment:
         placed = FoundFaces(affines=found.affines, faces_detected=found.faces_detected)
         return placed, faces, [] if aligned else [mask for (_, mask), _, _ in done]
 
-    async def _detect_batch(self, items: list[tuple[FaceEngine, np.ndarray]]) -> list[np.ndarray]:
+    async def _detect_batch(self, items: list[tuple[FaceEngine, np.ndarray]], deliver: Deliver) -> None:
         """One detector pass per model over the pictures of every waiting request (the detector
         batches those of one size), at most ``face_detect_batch_pixels`` per pass."""
         self.batch_sizes["detect"][len(items)] += 1
-        results: list[np.ndarray | None] = [None] * len(items)
         for indices in group_indices(items, lambda item: id(item[0])):
             engine = items[indices[0]][0]
             for chunk in _by_pixels(indices, [items[i][1] for i in indices], self.runtime.face_detect_batch_pixels):
                 found = await self.workers.device(engine.detector, [items[i][1] for i in chunk], lane=_DETECT)
                 for i, detections in zip(chunk, found):
-                    results[i] = detections
-        return results
+                    deliver(i, detections)
 
-    async def _restore_batch(self, items: list[tuple[FaceEngine, float, bool, np.ndarray]]) -> list[tuple]:
-        """One GFPGAN pass, and one parser pass with the paste masks, per model and strength over
-        the faces of every waiting request."""
+    async def _restore_batch(self, items: list[tuple[FaceEngine, float, bool, np.ndarray]], deliver: Deliver) -> None:
+        """GFPGAN, then the parser with the paste masks, per model and strength over the faces of
+        every waiting request: in one pass each, or face by face where the networks run so (see
+        ``restore_and_mask``), each face delivered as soon as it is done."""
         self.batch_sizes["restore"][len(items)] += 1
-        results: list[tuple | None] = [None] * len(items)
+        loop = asyncio.get_running_loop()
         for indices in group_indices(items, lambda item: (id(item[0]), item[1], item[2])):
             engine, strength, paste, _ = items[indices[0]]
-            faces, masks = await self.workers.device(_restore_and_mask, engine, [items[i][3] for i in indices],
-                                                     strength, paste, lane=_RESTORE)
-            for i, face, mask in zip(indices, faces, masks):
-                results[i] = (face, mask)
-        return results
+
+            def done(k: int, face: np.ndarray, mask: np.ndarray | None, indices=indices) -> None:
+                loop.call_soon_threadsafe(deliver, indices[k], (face, mask))  # from the device lane
+
+            await self.workers.device(restore_and_mask, engine, [items[i][3] for i in indices], strength, paste,
+                                      done, lane=_RESTORE)
 
     async def stats(self) -> dict:
         return {"device": str(self.device), "failures": dict(self.engines.failures),
@@ -148,9 +150,12 @@ def _engine_settings(runtime: RuntimeConfig) -> tuple:
             runtime.face_detect_graph_pixels)
 
 
-def _restore_and_mask(engine: FaceEngine, crops: list[np.ndarray], strength: float, paste: bool) -> tuple[list, list]:
-    faces = engine.restore(crops, strength=strength)
-    return faces, engine.paste_masks(faces) if paste else [None] * len(faces)
+def restore_and_mask(engine: FaceEngine, crops: list[np.ndarray], strength: float, paste: bool,
+                     done: Callable[[int, np.ndarray, np.ndarray | None], None]) -> None:
+    """Restore ``crops`` and make their paste masks (``paste``), calling ``done(k, face, mask)``
+    for the k-th crop as soon as its face is ready (see ``FaceEngine.restore_each``)."""
+    for k, (face, mask) in enumerate(engine.restore_each(crops, strength=strength, masks=paste)):
+        done(k, face, mask)
 
 
 def _by_pixels(indices: list[int], pictures: list[np.ndarray], budget: int) -> list[list[int]]:

@@ -16,7 +16,7 @@ import ray
 from ray import serve
 
 from serve_app.config import AppArgs, RuntimeConfig
-from serve_app.deployments.batching import DeviceBatcher, group_indices
+from serve_app.deployments.batching import Deliver, DeviceBatcher, group_indices
 from serve_app.deployments.gpu import StepTimes, cap_gpu_memory, gpu_memory, gpu_waits, sleep_while_gpu_works
 from serve_app.deployments.heap import freeze_heap, keep_freed_memory
 from serve_app.deployments.models import EngineCache
@@ -82,22 +82,21 @@ class UpscalerDeployment:
             return done[0][0][np.newaxis]
         return np.stack([y for y, _, _ in done])
 
-    async def _forward_batch(self, items: list[tuple[Upscaler, np.ndarray]]) -> list[tuple]:
-        """One forward pass per engine and shape over the tiles of every waiting request.
+    async def _forward_batch(self, items: list[tuple[Upscaler, np.ndarray]], deliver: Deliver) -> None:
+        """One forward pass per engine and shape over the tiles of every waiting request, each
+        pass's tiles delivered when it ends.
 
-        Each tile comes back with its batch's identity (start time, group) and bare forward time.
+        Each tile comes back with its pass's identity (start time, group) and bare forward time.
         """
         started = time.perf_counter()
         self.batch_sizes[len(items)] += 1
-        results: list[tuple | None] = [None] * len(items)
         for group, indices in enumerate(group_indices(items, lambda item: (id(item[0]), item[1].shape,
                                                                            item[1].dtype))):
             engine = items[indices[0]][0]
             outputs, bare_ms = await self.workers.device(engine.forward_timed,
                                                          np.stack([items[i][1] for i in indices]))
             for i, y in zip(indices, outputs):
-                results[i] = (y, (started, group), bare_ms)
-        return results
+                deliver(i, (y, (started, group), bare_ms))
 
     async def stats(self) -> dict:
         return {"device": str(self.device), "failures": dict(self.engines.failures), "pid": os.getpid(),

@@ -18,8 +18,9 @@ and takes a background already upscaled by any means.
 from __future__ import annotations
 
 import functools
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from serve_app.engines import face_geometry as geo
+from serve_app.engines.device import page_locked_copy
 from serve_app.engines.face_detection import RetinaFaceDetector
 from serve_app.engines.lanczos import lanczos_upscale
 
@@ -77,9 +79,13 @@ class FaceEngine:
     """The device half (find, restore, paste masks); ``paste_faces`` is the CPU half."""
 
     def __init__(self, restorer: FaceNetwork, parser: FaceNetwork, detector: Detector, *,
-                 device: torch.device, dtype: torch.dtype = torch.float32, max_faces: int = 20):
+                 device: torch.device, dtype: torch.dtype = torch.float32, max_faces: int = 20,
+                 face_by_face: bool = False):
         self.restorer, self.parser, self.detector = restorer, parser, detector
         self.device, self.dtype, self.max_faces = device, dtype, max_faces
+        # Whether the restorer and the parser take a batch one face after the other (compiled
+        # for one face): then a batch saves nothing, and a server can hand out each face alone.
+        self.face_by_face = face_by_face
 
     def enhance(self, image: np.ndarray, *, upscale: float = 2, only_center_face: bool = False,
                 aligned: bool = False, strength: float = 1.0,
@@ -120,15 +126,10 @@ class FaceEngine:
     @torch.inference_mode()
     def restore(self, crops: list[np.ndarray], *, strength: float = 1.0) -> list[np.ndarray]:
         """Restore 512x512 BGR uint8 crops in one batch; blend with the crops by ``strength``."""
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], not {strength}")
+        _check_strength(strength)
         if not crops:
             return []
-        x = _faces_to_tensor(crops, self.device).to(self.dtype)
-        out = self.restorer(x)
-        # basicsr.tensor2img with min_max=(-1, 1), on the device: 8-bit BGR leaves it.
-        out = ((out.float().clamp_(-1, 1) + 1) / 2).mul_(255).round_().to(torch.uint8)
-        restored = list(out.flip(1).permute(0, 2, 3, 1).contiguous().cpu().numpy())
+        restored = list(self._restore_bgr8(_to_device(crops, self.device)).cpu().numpy())
         if strength < 1.0:
             restored = [cv2.addWeighted(r, strength, c, 1.0 - strength, 0) for r, c in zip(restored, crops)]
         return restored
@@ -142,10 +143,49 @@ class FaceEngine:
         many more pixels a level apart from GFPGANer's."""
         if not faces:
             return []
-        classes = self.parser(_faces_to_tensor(faces, self.device)).argmax(dim=1)
-        if self.device.type != "cuda":  # OpenCV's blur is faster than float64 products on a CPU
+        masks = self._paste_masks(_to_device(faces, self.device))
+        return masks if isinstance(masks, list) else list(masks.cpu().numpy())
+
+    @torch.inference_mode()
+    def restore_each(self, crops: list[np.ndarray], *, strength: float = 1.0,
+                     masks: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """``restore`` and (``masks``) ``paste_masks`` of ``crops``, a (face, mask) pair at a time
+        in the crops' order, each as soon as it is ready.
+
+        Where the networks run face by face anyway (``face_by_face``), a batch saves nothing, so
+        each face is launched alone and handed out when its own work is done: on CUDA every
+        face's work is queued at once, the restored face feeds the parser on the device, and the
+        results come back through page-locked memory without stopping the queue. Elsewhere
+        (eager networks, or a strength below 1, whose blend is OpenCV's on the CPU) the faces go
+        as one batch."""
+        _check_strength(strength)
+        if not self.face_by_face or strength < 1.0:
+            faces = self.restore(crops, strength=strength)
+            yield from zip(faces, self.paste_masks(faces) if masks else [None] * len(faces))
+            return
+        launched: deque[_Pending] = deque()
+        for crop in crops:
+            face = self._restore_bgr8(_to_device([crop], self.device))
+            launched.append(_Pending(face, self._paste_masks(face) if masks else None))
+            while launched and launched[0].ready():
+                yield launched.popleft().result()
+        while launched:
+            yield launched.popleft().result()
+
+    def _restore_bgr8(self, crops: torch.Tensor) -> torch.Tensor:
+        """N x 512 x 512 x 3 BGR uint8 crops -> restored faces, the same way, on the device."""
+        out = self.restorer(_bgr8_to_tensor(crops).to(self.dtype))
+        # basicsr.tensor2img with min_max=(-1, 1), on the device: 8-bit BGR leaves it.
+        out = ((out.float().clamp_(-1, 1) + 1) / 2).mul_(255).round_().to(torch.uint8)
+        return out.flip(1).permute(0, 2, 3, 1).contiguous()
+
+    def _paste_masks(self, faces: torch.Tensor) -> torch.Tensor | list[np.ndarray]:
+        """Paste masks of N x 512 x 512 x 3 BGR uint8 faces on the device: on CUDA a float64
+        tensor there; on the CPU a list of arrays (OpenCV's blur is faster than float64 products)."""
+        classes = self.parser(_bgr8_to_tensor(faces)).argmax(dim=1)
+        if self.device.type != "cuda":
             return [geo.parse_mask(c) for c in classes.to(torch.uint8).numpy()]
-        return list(paste_masks_on_device(classes).cpu().numpy())
+        return paste_masks_on_device(classes)
 
 
 # ---------------------------------------------------------------------- step 3 (CPU)
@@ -232,15 +272,47 @@ def to_bgr8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, :3])
 
 
-def _faces_to_tensor(faces: list[np.ndarray], device: torch.device) -> torch.Tensor:
-    """BGR uint8 faces -> N x 3 x 512 x 512 RGB float32 in [-1, 1] on ``device``, contiguous NCHW.
+def _check_strength(strength: float) -> None:
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], not {strength}")
 
-    The faces cross to the device as 8-bit (a quarter of the bytes) and are scaled there with
-    the same float32 steps as basicsr's img2tensor and GFPGANer's normalisation.
+
+def _to_device(faces: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    """BGR uint8 faces as one N x 512 x 512 x 3 tensor on ``device``: they cross as 8-bit, a
+    quarter of the bytes of the network's input."""
+    return torch.from_numpy(np.stack(faces)).to(device)
+
+
+def _bgr8_to_tensor(faces: torch.Tensor) -> torch.Tensor:
+    """N x 512 x 512 x 3 BGR uint8 faces -> N x 3 x 512 x 512 RGB float32 in [-1, 1], contiguous
+    NCHW, with the same float32 steps as basicsr's img2tensor and GFPGANer's normalisation.
     GFPGANv1Clean calls ``.view`` on its features, so the batch must be contiguous NCHW.
     """
-    x = torch.from_numpy(np.stack(faces)).to(device).flip(3).permute(0, 3, 1, 2).float()
+    x = faces.flip(3).permute(0, 3, 1, 2).float()
     return x.div_(255).sub_(0.5).div_(0.5).contiguous()
+
+
+class _Pending:
+    """One face's results on their way to host memory: on CUDA a copy to page-locked memory
+    queued behind the face's work, with an event to tell when it is there."""
+
+    def __init__(self, face: torch.Tensor, mask: torch.Tensor | list[np.ndarray] | None):
+        """``face``: 1 x 512 x 512 x 3 uint8; ``mask``: its paste mask as ``_paste_masks`` makes it."""
+        self.event = None
+        if face.device.type == "cuda":
+            face, mask = page_locked_copy(face), None if mask is None else page_locked_copy(mask)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        self.face, self.mask = face, mask
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def result(self) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.event is not None:
+            self.event.synchronize()  # sleeps: see deployments.gpu.sleep_while_gpu_works
+        return self.face[0].numpy(), None if self.mask is None else np.asarray(self.mask[0])
+
 
 
 def load_face_engine(name: str, store, engine, *, max_faces: int = 20, detect_graphs: int = 0,
@@ -264,7 +336,8 @@ def load_face_engine(name: str, store, engine, *, max_faces: int = 20, detect_gr
     compiled = resolve_compile(engine.compile, device)
     # GFPGANer's call; RestoreFormer takes (and ignores) the keyword too.
     restorer = FirstOutput(load_network(spec, store, device, dtype), return_rgb=False)
-    if compiled and spec.arch in _COMPILED_RESTORERS:
+    face_by_face = compiled and spec.arch in _COMPILED_RESTORERS
+    if face_by_face:
         restorer = _compiled(restorer, name, store, device, dtype)
     if share_with is not None:
         detector, parser = share_with.detector, share_with.parser
@@ -276,7 +349,8 @@ def load_face_engine(name: str, store, engine, *, max_faces: int = 20, detect_gr
         parser = FirstOutput(load_network(get_spec("parsenet"), store, device))
         if compiled:
             parser = _compiled(parser, "parsenet", store, device, torch.float32)
-    return FaceEngine(restorer, parser, detector, device=device, dtype=dtype, max_faces=max_faces)
+    return FaceEngine(restorer, parser, detector, device=device, dtype=dtype, max_faces=max_faces,
+                      face_by_face=face_by_face)
 
 
 # Restorer architectures that compile. RestoreFormer in fp16 failed to compile on an H100
@@ -295,6 +369,6 @@ def _compiled(network: nn.Module, name: str, store, device: torch.device, dtype:
     from serve_app.engines.compiled import CompiledNetwork, artifacts_path
 
     artifacts = artifacts_path(store.config.resolved_cache_dir(), name, device, dtype, geo.FACE_SIZE)
-    # GFPGANv1Clean calls .view on its features: contiguous NCHW, as _faces_to_tensor makes.
+    # GFPGANv1Clean calls .view on its features: contiguous NCHW, as _bgr8_to_tensor makes.
     return CompiledNetwork(network, size=geo.FACE_SIZE, max_batch=1, device=device, dtype=dtype,
                            memory_format=torch.contiguous_format, artifacts=artifacts)
