@@ -62,7 +62,9 @@ class DeviceBatcher(Generic[T, R]):
                 continue
             started, futures = time.perf_counter(), [future for _, future in batch]
 
-            def deliver(i: int, result: R) -> None:
+            # This batch's futures and start bound now: a delivery scheduled from a device thread
+            # must not find the next batch's.
+            def deliver(i: int, result: R, futures=futures, started=started) -> None:
                 if not futures[i].done():  # a caller may have gone meanwhile
                     futures[i].set_result((result, started, time.perf_counter()))
 
