@@ -26,8 +26,8 @@
 - ``face-settings``: the face path served with several ``user_config`` variants in turn (a
   change of ``user_config`` only: the same replicas), each twice, at one open-loop rate (70% of
   the first peak), with the face replica's own step times: which setting grows the tail. By
-  default ``face_batch_size`` 8 against 1: whether the face replica's batches, which make each
-  face wait for its whole batch (GFPGAN runs face by face when compiled), are the cause.
+  default ``face_batch_size`` 8 against 1: whether the face replica's batches are the cause
+  (asked when each face waited for its whole batch; faces now leave one by one).
 Each prints JSON.
 """
 from __future__ import annotations
