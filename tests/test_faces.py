@@ -32,6 +32,12 @@ def engine(store):
     return face_engine
 
 
+def _two_crops(astronaut_bgr):
+    """Two different aligned faces: the astronaut's, and the one cut the same way from her mirror image."""
+    _, landmarks = geo.faces_of(ASTRONAUT_FACE)
+    return [geo.align_face(picture, landmarks[0])[0] for picture in (astronaut_bgr, astronaut_bgr[:, ::-1].copy())]
+
+
 @pytest.fixture(scope="module")
 def photo(astronaut_bgr):
     return np.ascontiguousarray(astronaut_bgr[:320, 64:384])  # the astronaut's head and shoulders
@@ -181,9 +187,7 @@ def test_compiled_face_networks_answer_as_eager_ones_face_by_face(engine, store,
 
     cached = WeightsStore(WeightsConfig(folder=store.config.folder, cache_dir=tmp_path, download=False))
     compiled = load_face_engine("GFPGANv1.4", cached, CPU.model_copy(update={"compile": "on"}))
-    _, landmarks = geo.faces_of(ASTRONAUT_FACE)
-    crops = [geo.align_face(astronaut_bgr, landmarks[0])[0], geo.align_face(astronaut_bgr[:, ::-1].copy(),
-                                                                            landmarks[0])[0]]
+    crops = _two_crops(astronaut_bgr)
     ours, theirs = compiled.restore(crops), engine.restore(crops)
     for face, reference, crop in zip(ours, theirs, crops):
         assert np.abs(face.astype(int) - reference.astype(int)).max() <= 2
@@ -271,16 +275,18 @@ def test_the_face_replica_hands_out_faces_one_by_one_where_the_networks_run_face
 
     from serve_app.deployments.faces import restore_and_mask
 
-    _, landmarks = geo.faces_of(ASTRONAUT_FACE)
-    crops = [geo.align_face(astronaut_bgr, landmarks[0])[0], geo.align_face(astronaut_bgr[:, ::-1].copy(),
-                                                                            landmarks[0])[0]]
+    crops = _two_crops(astronaut_bgr)
     runs = {}
     for face_by_face in (False, True):
         events, results = [], {}
         watched = copy.copy(engine)
         watched.face_by_face = face_by_face
-        watched.restorer = lambda x, restorer=engine.restorer, events=events: (
-            events.append(f"restore {len(x)}"), restorer(x))[1]
+
+        def counted(x, events=events):
+            events.append(f"restore {len(x)}")
+            return engine.restorer(x)
+
+        watched.restorer = counted
 
         def done(k, face, mask, events=events, results=results):
             events.append(f"done {k}")
@@ -311,8 +317,7 @@ def test_faces_handed_out_one_by_one_equal_those_restored_alone(store, astronaut
     engine = load_face_engine("GFPGANv1.4", cached, CPU.model_copy(
         update={"device": device, "compile": "on" if device == "cuda" else "off"}))
     engine.face_by_face = True  # so already where it compiles
-    _, landmarks = geo.faces_of(ASTRONAUT_FACE)
-    crops = [geo.align_face(picture, landmarks[0])[0] for picture in (astronaut_bgr, astronaut_bgr[:, ::-1].copy())]
+    crops = _two_crops(astronaut_bgr)
     each = list(engine.restore_each(crops))
     assert len(each) == len(crops)
     for (face, mask), crop in zip(each, crops):
