@@ -208,7 +208,7 @@ def test_face_models_of_one_replica_share_the_detector_and_the_parser(engine, st
 
 
 def test_paste_masks_made_on_a_device_equal_facexlibs_opencv_masks():
-    from serve_app.engines.faces import paste_masks_on_device
+    from serve_app.engines.face_tensors import paste_masks_on_device
 
     rng = np.random.default_rng(0)
     classes = np.zeros((2, 512, 512), np.uint8)

@@ -17,7 +17,6 @@ and takes a background already upscaled by any means.
 """
 from __future__ import annotations
 
-import functools
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -28,8 +27,9 @@ import torch
 from torch import nn
 
 from serve_app.engines import face_geometry as geo
-from serve_app.engines.device import page_locked_copy
 from serve_app.engines.face_detection import RetinaFaceDetector
+from serve_app.engines.face_tensors import (PendingFace, bgr8_to_network_input, faces_to_device,
+                                             paste_masks_on_device)
 from serve_app.engines.lanczos import lanczos_upscale
 
 # BGR uint8 pictures -> for each, N x 15 detections (box, score, 5 landmarks)
@@ -129,7 +129,7 @@ class FaceEngine:
         _check_strength(strength)
         if not crops:
             return []
-        restored = list(self._restore_bgr8(_to_device(crops, self.device)).cpu().numpy())
+        restored = list(self._restore_bgr8(faces_to_device(crops, self.device)).cpu().numpy())
         if strength < 1.0:
             restored = [cv2.addWeighted(r, strength, c, 1.0 - strength, 0) for r, c in zip(restored, crops)]
         return restored
@@ -143,7 +143,7 @@ class FaceEngine:
         many more pixels a level apart from GFPGANer's."""
         if not faces:
             return []
-        masks = self._paste_masks(_to_device(faces, self.device))
+        masks = self._paste_masks(faces_to_device(faces, self.device))
         return masks if isinstance(masks, list) else list(masks.cpu().numpy())
 
     @torch.inference_mode()
@@ -163,10 +163,10 @@ class FaceEngine:
             faces = self.restore(crops, strength=strength)
             yield from zip(faces, self.paste_masks(faces) if masks else [None] * len(faces))
             return
-        launched: deque[_Pending] = deque()
+        launched: deque[PendingFace] = deque()
         for crop in crops:
-            face = self._restore_bgr8(_to_device([crop], self.device))
-            launched.append(_Pending(face, self._paste_masks(face) if masks else None))
+            face = self._restore_bgr8(faces_to_device([crop], self.device))
+            launched.append(PendingFace(face, self._paste_masks(face) if masks else None))
             while launched and launched[0].ready():
                 yield launched.popleft().result()
         while launched:
@@ -174,7 +174,7 @@ class FaceEngine:
 
     def _restore_bgr8(self, crops: torch.Tensor) -> torch.Tensor:
         """N x 512 x 512 x 3 BGR uint8 crops -> restored faces, the same way, on the device."""
-        out = self.restorer(_bgr8_to_tensor(crops).to(self.dtype))
+        out = self.restorer(bgr8_to_network_input(crops).to(self.dtype))
         # basicsr.tensor2img with min_max=(-1, 1), on the device: 8-bit BGR leaves it.
         out = ((out.float().clamp_(-1, 1) + 1) / 2).mul_(255).round_().to(torch.uint8)
         return out.flip(1).permute(0, 2, 3, 1).contiguous()
@@ -182,7 +182,7 @@ class FaceEngine:
     def _paste_masks(self, faces: torch.Tensor) -> torch.Tensor | list[np.ndarray]:
         """Paste masks of N x 512 x 512 x 3 BGR uint8 faces on the device: on CUDA a float64
         tensor there; on the CPU a list of arrays (OpenCV's blur is faster than float64 products)."""
-        classes = self.parser(_bgr8_to_tensor(faces)).argmax(dim=1)
+        classes = self.parser(bgr8_to_network_input(faces)).argmax(dim=1)
         if self.device.type != "cuda":
             return [geo.parse_mask(c) for c in classes.to(torch.uint8).numpy()]
         return paste_masks_on_device(classes)
@@ -234,35 +234,6 @@ def _paste(canvas: np.ndarray, found: FoundFaces, restored: list[np.ndarray], ma
     return cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY) if gray else canvas
 
 
-def paste_masks_on_device(classes: torch.Tensor) -> torch.Tensor:
-    """``geo.parse_mask`` for N x 512 x 512 ParseNet classes, in float64 on their device.
-
-    Each of the two Gaussian blurs is a product with a banded matrix on each side (the blur of
-    every column, then of every row): a few float64 matrix products on a GPU, where OpenCV's
-    blurs took 34 ms of a CPU core per face. Sums are taken in another order than OpenCV's; the
-    values agree within 1e-12 (tested).
-    """
-    lut = torch.as_tensor(geo.PARSE_TO_MASK, dtype=torch.float64, device=classes.device)
-    blur = _blur_matrix(classes.shape[-1], classes.device)
-    mask = lut[classes.long()]
-    for _ in range(2):
-        mask = blur @ mask @ blur.T
-    return geo.clear_mask_border(mask) / 255.0
-
-
-@functools.lru_cache(maxsize=4)
-def _blur_matrix(size: int, device: torch.device) -> torch.Tensor:
-    """B with B @ m = facexlib's Gaussian blur of each column of m (size x size, float64),
-    OpenCV's kernel and reflect-101 border (the border pixel itself is not repeated)."""
-    kernel = cv2.getGaussianKernel(geo.MASK_BLUR_SIZE, geo.MASK_BLUR_SIGMA, cv2.CV_64F)[:, 0]
-    half = len(kernel) // 2
-    taps = np.abs(np.arange(size)[:, None] + np.arange(len(kernel)) - half)
-    taps = np.where(taps >= size, 2 * (size - 1) - taps, taps)
-    matrix = np.zeros((size, size))
-    np.add.at(matrix, (np.repeat(np.arange(size), len(kernel)), taps.ravel()), np.tile(kernel, size))
-    return torch.from_numpy(matrix).to(device)
-
-
 def to_bgr8(image: np.ndarray) -> np.ndarray:
     """An 8-bit BGR copy of any decoded picture (grey, BGR or BGRA; 8 or 16 bit)."""
     if image.dtype == np.uint16:
@@ -275,44 +246,6 @@ def to_bgr8(image: np.ndarray) -> np.ndarray:
 def _check_strength(strength: float) -> None:
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], not {strength}")
-
-
-def _to_device(faces: list[np.ndarray], device: torch.device) -> torch.Tensor:
-    """BGR uint8 faces as one N x 512 x 512 x 3 tensor on ``device``: they cross as 8-bit, a
-    quarter of the bytes of the network's input."""
-    return torch.from_numpy(np.stack(faces)).to(device)
-
-
-def _bgr8_to_tensor(faces: torch.Tensor) -> torch.Tensor:
-    """N x 512 x 512 x 3 BGR uint8 faces -> N x 3 x 512 x 512 RGB float32 in [-1, 1], contiguous
-    NCHW, with the same float32 steps as basicsr's img2tensor and GFPGANer's normalisation.
-    GFPGANv1Clean calls ``.view`` on its features, so the batch must be contiguous NCHW.
-    """
-    x = faces.flip(3).permute(0, 3, 1, 2).float()
-    return x.div_(255).sub_(0.5).div_(0.5).contiguous()
-
-
-class _Pending:
-    """One face's results on their way to host memory: on CUDA a copy to page-locked memory
-    queued behind the face's work, with an event to tell when it is there."""
-
-    def __init__(self, face: torch.Tensor, mask: torch.Tensor | list[np.ndarray] | None):
-        """``face``: 1 x 512 x 512 x 3 uint8; ``mask``: its paste mask as ``_paste_masks`` makes it."""
-        self.event = None
-        if face.device.type == "cuda":
-            face, mask = page_locked_copy(face), None if mask is None else page_locked_copy(mask)
-            self.event = torch.cuda.Event()
-            self.event.record()
-        self.face, self.mask = face, mask
-
-    def ready(self) -> bool:
-        return self.event is None or self.event.query()
-
-    def result(self) -> tuple[np.ndarray, np.ndarray | None]:
-        if self.event is not None:
-            self.event.synchronize()  # sleeps: see deployments.gpu.sleep_while_gpu_works
-        return self.face[0].numpy(), None if self.mask is None else np.asarray(self.mask[0])
-
 
 
 def load_face_engine(name: str, store, engine, *, max_faces: int = 20, detect_graphs: int = 0,
@@ -369,6 +302,6 @@ def _compiled(network: nn.Module, name: str, store, device: torch.device, dtype:
     from serve_app.engines.compiled import CompiledNetwork, artifacts_path
 
     artifacts = artifacts_path(store.config.resolved_cache_dir(), name, device, dtype, geo.FACE_SIZE)
-    # GFPGANv1Clean calls .view on its features: contiguous NCHW, as _bgr8_to_tensor makes.
+    # GFPGANv1Clean calls .view on its features: contiguous NCHW, as bgr8_to_network_input makes.
     return CompiledNetwork(network, size=geo.FACE_SIZE, max_batch=1, device=device, dtype=dtype,
                            memory_format=torch.contiguous_format, artifacts=artifacts)
