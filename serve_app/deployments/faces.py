@@ -120,7 +120,7 @@ class FaceDeployment:
     async def _restore_batch(self, items: list[tuple[FaceEngine, float, bool, np.ndarray]], deliver: Deliver) -> None:
         """GFPGAN, then the parser with the paste masks, per model and strength over the faces of
         every waiting request: in one pass each, or face by face where the networks run so (see
-        ``restore_and_mask``), each face delivered as soon as it is done."""
+        ``FaceEngine.restore_each``), each face delivered as soon as it is done."""
         self.batch_sizes["restore"][len(items)] += 1
         loop = asyncio.get_running_loop()
         for indices in group_indices(items, lambda item: (id(item[0]), item[1], item[2])):
