@@ -211,16 +211,16 @@ def _path(name: str, body: bytes, params: dict, levels: list[int], seconds: floa
     results = []
     concurrency = levels[0]
     while concurrency is not None:
-        _reset_gpu_stats()
+        reset_gpu_stats()
         with HostCpu() as host:
             level = asyncio.run(closed_loop(body, params, concurrency, seconds))
-        results.append({**level, **_gpu_replica_times(name), "host_cpu": host.report})
+        results.append({**level, **gpu_replica_times(name), "host_cpu": host.report})
         concurrency = levels[len(results)] if len(results) < len(levels) else more_load(results)
     best = max(r["images_per_s"] for r in results)
-    _reset_gpu_stats()
+    reset_gpu_stats()
     with HostCpu() as host:
         loaded = asyncio.run(open_loop(body, params, 0.7 * best, open_seconds))
-    loaded.update(_gpu_replica_times(name), host_cpu=host.report)
+    loaded.update(gpu_replica_times(name), host_cpu=host.report)
     unloaded = results[0]["p50_ms"]
     loaded["p99_over_unloaded_p50"] = loaded["p99_ms"] / unloaded
     # how much of that tail a request has alone, and how much the load adds to it
@@ -234,17 +234,24 @@ def _path(name: str, body: bytes, params: dict, levels: list[int], seconds: floa
             "node_cores_at_best_rate": _service_cores(max(results, key=lambda r: r["images_per_s"])["host_cpu"])}
 
 
+def path_request(name: str, upscale_size: int = 256) -> tuple[bytes, dict]:
+    """The request a served path is measured with: its PNG body and its query parameters."""
+    if name == "upscale":
+        return png(photo(upscale_size)), {"model": "RealESRGAN_x4plus", "format": "png"}
+    return png(photo()), {"model": "none", "face_enhance": "true", "scale": 2, "format": "png"}
+
+
 def _service_cores(host: dict) -> float:
     """The node's busy cores less the load generator's own: what serving took, all processes."""
     return round(host["busy_cores"] - host["cores_by_process"].get(LOAD_GENERATOR, 0.0), 2)
 
 
-def _reset_gpu_stats() -> None:
+def reset_gpu_stats() -> None:
     for deployment in ("UpscalerDeployment", "FaceDeployment"):
         serve.get_deployment_handle(deployment, "restore").reset_stats.remote().result()
 
 
-def _gpu_replica_times(path: str) -> dict:
+def gpu_replica_times(path: str) -> dict:
     """Where the path's requests spent their time inside its GPU replica, and its batch sizes."""
     deployment, key = ("UpscalerDeployment", "upscaler_replica") if path == "upscale" else (
         "FaceDeployment", "face_replica")
@@ -276,13 +283,9 @@ def run(report: dict, folder: Path, cache: Path, *, tile: int, batch: int, sizes
     # The load generator's heap too: a full collection here (torch and Ray are imported) would
     # pause the client and count as the service's latency.
     freeze_heap()
-    up_img, face_img = photo(sizes["upscale"]), photo()
-    report["upscale"] = _path("upscale", png(up_img), {"model": "RealESRGAN_x4plus", "format": "png"},
-                              levels, seconds, open_seconds)
-    save()
-    report["faces"] = _path("faces", png(face_img), {"model": "none", "face_enhance": "true", "scale": 2,
-                                                      "format": "png"}, levels, seconds, open_seconds)
-    save()
+    for name in ("upscale", "faces"):
+        report[name] = _path(name, *path_request(name, sizes["upscale"]), levels, seconds, open_seconds)
+        save()
     big = photo(sizes["largest"])
     latencies: list[float] = []
     asyncio.run(_one(png(big), latencies))

@@ -4,7 +4,7 @@
     python -m bench.tail bound RESULTS.json [...]
     python -m bench.tail overlap          # CUDA only
     python -m bench.tail client [--rate 64]
-    python -m bench.tail face-settings [--variant NAME JSON ...] [--open-seconds 16]   # CUDA only
+    python -m bench.tail settings [--paths faces upscale] [--variant NAME JSON ...] [--open-seconds 16]
 
 - ``queue``: Poisson arrivals at one device that runs one batch at a time, formed as
   ``DeviceBatcher`` forms them (everything waiting, up to the cap; a lone item waits
@@ -23,11 +23,13 @@
   streams, against the same replays one after the other: what a second device lane would gain.
 - ``client``: the load generator's own share of a 3 MB answer, httpx against aiohttp, from a
   local server that does no work.
-- ``face-settings``: the face path served with several ``user_config`` variants in turn (a
-  change of ``user_config`` only: the same replicas), each twice, at one open-loop rate (70% of
-  the first peak), with the face replica's own step times: which setting grows the tail. By
-  default ``face_batch_size`` 8 against 1: whether the face replica's batches are the cause
-  (asked when each face waited for its whole batch; faces now leave one by one).
+- ``settings``: served paths (by default the face path) measured with several ``user_config``
+  variants in turn (a change of ``user_config`` only: the same replicas), each twice, at one
+  open-loop rate per path (70% of its peak at the first variant), with the GPU replica's own
+  step times: which setting grows the tail. By default ``face_batch_size`` 8 against 1: whether
+  the face replica's batches are the cause (asked when each face waited for its whole batch;
+  faces now leave one by one). ``face-settings``, its name until run p, still runs it. Meant
+  for CUDA: on a CPU its turns take minutes.
 Each prints JSON.
 """
 from __future__ import annotations
@@ -217,16 +219,17 @@ def client(args) -> dict:
         server.terminate()
 
 
-def face_settings(args) -> dict:
+def settings(args) -> dict:
     import copy
 
+    import torch
     from ray import serve
 
     from bench import served
-    from bench.common import photo, png, weights_in_use
+    from bench.common import weights_in_use
     from serve_app.deployments.heap import freeze_heap
 
-    variants = {name: json.loads(settings) for name, settings in args.variant or
+    variants = {name: json.loads(value) for name, value in args.variant or
                 (("batch_8", '{"face_batch_size": 8}'), ("batch_1", '{"face_batch_size": 1}'))}
     folder = Path(tempfile.mkdtemp())
     weights_in_use(folder, args.cache_dir, ["RealESRGAN_x4plus", "GFPGANv1.4", "retinaface_resnet50", "parsenet"])
@@ -234,30 +237,32 @@ def face_settings(args) -> dict:
     config = served.bench_config(folder, args.cache_dir, tile=256, batch=8, compile_mode="auto")
     served.deploy(config, folder)
     freeze_heap()
-    body, params = png(photo()), {"model": "none", "face_enhance": "true", "scale": 2, "format": "png"}
-    faces = serve.get_deployment_handle("FaceDeployment", "restore")
-    asyncio.run(served.closed_loop(body, params, 2, 3))  # warm-up
-    report, rate = {}, None
-    for turn in ("", "_again"):
-        for name, settings in variants.items():
-            changed = copy.deepcopy(config)
-            for deployment in changed["applications"][0]["deployments"]:
-                deployment["user_config"].update(settings)
-            served.deploy(changed, folder)
-            time.sleep(5)  # the application reads RUNNING before every replica has its new user_config
-            if rate is None:  # every load level's batch shapes seen (and captured) before measuring
-                rate = 0.7 * asyncio.run(served.closed_loop(body, params, 32, 8))["images_per_s"]
-            faces.reset_stats.remote().result()
-            unloaded = asyncio.run(served.closed_loop(body, params, 1, 8))
-            inside_unloaded = faces.stats.remote().result()["times"]
-            faces.reset_stats.remote().result()
-            loaded = asyncio.run(served.open_loop(body, params, rate, args.open_seconds))
-            stats = faces.stats.remote().result()
-            report[name + turn] = {"settings": settings, "unloaded": unloaded, "open_loop": loaded,
-                                   "p99_over_unloaded_p50": loaded["p99_ms"] / unloaded["p50_ms"],
-                                   "face_replica_unloaded": inside_unloaded,
-                                   "face_replica_open_loop": stats["times"],
-                                   "open_loop_batch_sizes": stats["batch_sizes"]}
+    report: dict = {"command": " ".join(["python -m bench.tail", *sys.argv[1:]]), "cpus": os.cpu_count(),
+                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "paths": {}}
+    for path in args.paths:
+        body, params = served.path_request(path)
+        asyncio.run(served.closed_loop(body, params, 2, 3))  # warm-up
+        turns, rate = report["paths"].setdefault(path, {}), None
+        for turn in ("", "_again"):
+            for name, changes in variants.items():
+                changed = copy.deepcopy(config)
+                for deployment in changed["applications"][0]["deployments"]:
+                    deployment["user_config"].update(changes)
+                served.deploy(changed, folder)
+                time.sleep(5)  # the application reads RUNNING before every replica has its new user_config
+                if rate is None:  # every load level's batch shapes seen (and captured) before measuring
+                    rate = 0.7 * asyncio.run(served.closed_loop(body, params, 32, 8))["images_per_s"]
+                served.reset_gpu_stats()
+                unloaded = asyncio.run(served.closed_loop(body, params, 1, 8))
+                replica_unloaded = served.gpu_replica_times(path)
+                served.reset_gpu_stats()
+                loaded = asyncio.run(served.open_loop(body, params, rate, args.open_seconds))
+                turns[name + turn] = {"settings": changes, "unloaded": unloaded, "open_loop": loaded,
+                                      "p99_over_unloaded_p50": loaded["p99_ms"] / unloaded["p50_ms"],
+                                      "replica_unloaded": replica_unloaded,
+                                      "replica_open_loop": served.gpu_replica_times(path)}
+                if args.out:  # each turn kept as it ends: a run cut short keeps its turns
+                    args.out.write_text(json.dumps(report, indent=2))
     serve.delete("restore")
     return report
 
@@ -270,7 +275,8 @@ def main() -> None:
     q.add_argument("--fixed-ms", type=float, default=4.9, help="a batch's time besides its tiles (run l: "
                    "3.1 on the GPU, 1.1 of copies, 0.7 between batches)")
     q.add_argument("--tile-ms", type=float, default=9.0, help="each tile's share of a batch's time")
-    q.add_argument("--wait-ms", type=float, default=5.0, help="upscaler_batch_wait_s, in ms")
+    q.add_argument("--wait-ms", type=float, default=5.0, help="upscaler_batch_wait_s, in ms (run l's; the "
+                   "service's default is 0 since run j)")
     q.add_argument("--cap", type=int, default=8, choices=(2, 4, 8), help="tile.batch_size, for the floor")
     q.add_argument("--unloaded-ms", type=float, default=59.0, help="a whole request's unloaded p50 (run l)")
     b = sub.add_parser("bound")
@@ -278,15 +284,18 @@ def main() -> None:
     sub.add_parser("overlap")
     c = sub.add_parser("client")
     c.add_argument("--rate", type=float, default=64.0)
-    f = sub.add_parser("face-settings")
+    f = sub.add_parser("settings", aliases=["face-settings"])  # face-settings: the name of runs n-p
     f.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "JSON"),
                    help="a name and the user_config entries it changes (default: face_batch_size 8, then 1)")
+    f.add_argument("--paths", nargs="+", choices=("upscale", "faces"), default=["faces"],
+                   help="the served paths measured, one after the other")
     f.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "rs-cache",
                    help="weights and compiled kernels")
     f.add_argument("--open-seconds", type=float, default=16.0, help="each turn's open loop")
+    f.add_argument("--out", type=Path, help="also written here, after every turn")
     args = parser.parse_args()
     what = {"queue": queue, "bound": bound, "overlap": overlap, "client": client,
-            "face-settings": face_settings}[args.what]
+            "settings": settings, "face-settings": settings}[args.what]
     print(json.dumps(what(args), indent=2))
 
 
