@@ -85,11 +85,14 @@ class RuntimeConfig(_Strict):
     tile: TileConfig = TileConfig()
     precision: Precision = "auto"
     compile: CompileMode = "auto"
-    upscaler_batch_wait_s: float = Field(default=0.005, ge=0, le=1, description="How long a tile that "
+    # Both waits default to none: on an H200 a 5 ms wait added 8 ms to a lone upscale request
+    # and 13-15 ms to a lone face request, and at 70% of the peak the p99 was no better with it
+    # (bench/results/h200-2026-11-29j-settings-batch-wait.json).
+    upscaler_batch_wait_s: float = Field(default=0.0, ge=0, le=1, description="How long a tile that "
                                          "finds the upscaler idle waits for others to share its batch; "
                                          "tiles queued behind a batch never wait.")
     face_batch_size: int = Field(default=8, gt=0)
-    face_batch_wait_s: float = Field(default=0.005, ge=0, le=1, description="The same for the face "
+    face_batch_wait_s: float = Field(default=0.0, ge=0, le=1, description="The same for the face "
                                      "replica's detector and restorer batches.")
     face_detect_batch_pixels: int = Field(default=4 * 1024 * 1024, gt=0, description="Pixels the face "
                                           "detector takes in one pass (bounds its GPU memory with large photos).")
