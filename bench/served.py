@@ -126,7 +126,7 @@ def deploy(config: dict, tmp: Path) -> None:
     raise TimeoutError("the benchmark application did not start in 15 minutes")
 
 
-CPU_STEPS = ("decode", "tiles", "stitch", "paste", "encode")  # the CPU deployment's own work
+CPU_STEPS = ("decode", "tiles", "stitch", "canvas", "paste", "encode")  # the CPU deployment's own work
 
 
 def _client() -> aiohttp.ClientSession:

@@ -20,7 +20,7 @@ from serve_app.config import AppArgs, RuntimeConfig
 from serve_app.deployments.failures import typed_error
 from serve_app.deployments.heap import freeze_heap, keep_freed_memory
 from serve_app.deployments.threads import Workers
-from serve_app.engines.faces import paste_faces, to_bgr8
+from serve_app.engines.faces import face_canvas, paste_faces, to_bgr8
 from serve_app.engines.upscaler import TilePlanner
 from serve_app.errors import InvalidOption, RestoreError, TooManyPixels
 from serve_app.imageio import check_array, decode, default_output_format, encode
@@ -121,14 +121,19 @@ class PreprocessDeployment:
         work = await self.workers.cpu(to_bgr8, pixels)
         faces = self.faces.restore.remote(work, options.face_model, options.face_strength,
                                           options.only_center_face, options.aligned)
-        # The background goes through the upscaler while the faces are restored.
-        background = None
-        if options.upscaler is not None and not options.aligned:
-            background = await self._upscale(pixels, options, upscale, timings)
+        # The canvas needs no face: it is made (the background through the upscaler) while the
+        # faces are restored, and only the pasting waits for them.
+        canvas = None
+        if not options.aligned:
+            background = None
+            if options.upscaler is not None:
+                background = await self._upscale(pixels, options, upscale, timings)
+            with _timed(timings, "canvas"):
+                canvas = await self.workers.cpu(face_canvas, pixels, upscale=upscale, background=background)
         found, restored, masks = await faces
         with _timed(timings, "paste"):
             result = await self.workers.cpu(paste_faces, pixels, found, restored, masks, upscale=upscale,
-                                            aligned=options.aligned, background=background)
+                                            aligned=options.aligned, canvas=canvas)
         return result.image, result.faces_restored
 
 

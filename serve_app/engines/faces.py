@@ -12,8 +12,8 @@ these deliberate differences:
 - At most ``max_faces`` faces are restored: the largest ones; the rest are left as they are
   and counted in ``faces_skipped``.
 The work is split so a server can run each half where it belongs: ``find``, ``restore`` and
-``paste_masks`` run networks (the GPU replica); ``paste_faces`` is numpy and OpenCV (a CPU replica),
-and takes a background already upscaled by any means.
+``paste_masks`` run networks (the GPU replica); ``face_canvas`` and ``paste_faces`` are numpy and
+OpenCV (a CPU replica), and the canvas may come from a background already upscaled by any means.
 """
 from __future__ import annotations
 
@@ -94,8 +94,11 @@ class FaceEngine:
         found = self.find(to_bgr8(image), only_center_face=only_center_face, aligned=aligned)
         restored = self.restore(found.crops, strength=strength)
         masks = self.paste_masks(restored) if restored and not aligned else []
-        base = background(image, upscale) if background is not None and not aligned else None
-        return paste_faces(image, found, restored, masks, upscale=upscale, aligned=aligned, background=base)
+        if aligned:
+            return paste_faces(image, found, restored, masks, aligned=True)
+        base = background(image, upscale) if background is not None else None
+        canvas = face_canvas(image, upscale=upscale, background=base)
+        return paste_faces(image, found, restored, masks, upscale=upscale, canvas=canvas)
 
     # ------------------------------------------------------------------ step 1 (detector)
     def find(self, work: np.ndarray, *, only_center_face: bool = False, aligned: bool = False) -> FoundFaces:
@@ -189,17 +192,25 @@ class FaceEngine:
 
 
 # ---------------------------------------------------------------------- step 3 (CPU)
+def face_canvas(image: np.ndarray, *, upscale: float = 2, background: np.ndarray | None = None) -> np.ndarray:
+    """What the faces of ``image`` are pasted onto: the picture resized by ``upscale``, or
+    ``background`` (the picture already upscaled by a network) brought to that size, as GFPGANer
+    makes it. It needs no face, so a server makes it while the faces are restored."""
+    if background is None:
+        return lanczos_upscale(image, upscale)  # GFPGANer's cv2.resize, byte for byte, in less time
+    h, w = image.shape[:2]
+    return cv2.resize(background, (int(w * upscale), int(h * upscale)), interpolation=cv2.INTER_LANCZOS4)
+
+
 def paste_faces(image: np.ndarray, found: FoundFaces, restored: list[np.ndarray], masks: list[np.ndarray],
-                *, upscale: float = 2, aligned: bool = False, background: np.ndarray | None = None) -> FaceResult:
-    """Paste restored faces into ``image`` resized by ``upscale`` (or into ``background``, the
-    image already upscaled by a network), as GFPGANer does. Pure CPU: no network needed."""
+                *, upscale: float = 2, aligned: bool = False, canvas: np.ndarray | None = None) -> FaceResult:
+    """Paste restored faces into ``canvas``, in place, as GFPGANer does (by default the canvas is
+    ``face_canvas(image, upscale=upscale)``; aligned: the one restored face is the result).
+    Pure CPU: no network needed."""
     if aligned:
         return FaceResult(restored[0], found.faces_detected, 1, found.crops, restored)
-    if background is None:
-        canvas = lanczos_upscale(image, upscale)  # GFPGANer's cv2.resize, byte for byte, in less time
-    else:
-        h, w = image.shape[:2]
-        canvas = cv2.resize(background, (int(w * upscale), int(h * upscale)), interpolation=cv2.INTER_LANCZOS4)
+    if canvas is None:
+        canvas = face_canvas(image, upscale=upscale)
     if restored:
         canvas = _paste(canvas, found, restored, masks, upscale)
     return FaceResult(canvas, found.faces_detected, len(restored), found.crops, restored)
