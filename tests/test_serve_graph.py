@@ -209,7 +209,7 @@ def test_faces_through_the_graph(client, astronaut_bgr):
     assert r.status_code == 200 and _image(r).shape == (192, 256, 3)
     assert 0 <= int(r.headers["x-faces-restored"]) <= 4
     # the canvas (made while the faces were restored) and the pasting are timed apart
-    assert all(float(r.headers[f"x-timing-{step}-ms"]) > 0 for step in ("canvas", "paste", "tiles", "stitch"))
+    assert all(float(r.headers[f"x-timing-{step}-ms"]) >= 0 for step in ("canvas", "paste", "tiles", "stitch"))
     _, landmarks = geo.faces_of(ASTRONAUT_FACE)
     crop, _ = geo.align_face(astronaut_bgr, landmarks[0])
     aligned = client.post("/v1/restore", params={"face_enhance": "true", "aligned": "true", "model": "none"},
