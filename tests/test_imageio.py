@@ -1,7 +1,9 @@
 import io
 import struct
+import threading
 import tracemalloc
 import zlib
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -12,6 +14,7 @@ from serve_app.errors import (
     CorruptImage, EmptyImage, InvalidOption, NotAnImage, TooManyBytes, TooManyPixels, UnsupportedFormat,
 )
 from serve_app.imageio import decode, default_output_format, encode, probe
+from serve_app.imageio import png
 from serve_app.imageio.png import encode_png
 
 LIMITS = dict(max_bytes=10_000_000, max_pixels=4_000_000)
@@ -68,22 +71,63 @@ def test_encode_round_trips(small_photo, fmt):
         assert error.mean() < 2
 
 
-@pytest.mark.parametrize("channels", [None, 1, 3, 4])
-@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
-def test_png_writer_round_trips_every_mode_exactly_and_any_reader_reads_it(small_photo, channels, dtype):
+class _RunsAtOnce(Executor):
+    """A helper that is always free: it deflates its half as soon as it is handed it."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        future = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+def _every_mode(small_photo, channels, dtype):
     rng = np.random.default_rng(channels or 0)
     noise = rng.integers(0, 4, small_photo.shape[:2] + (4,))  # values the up-filter must wrap around
     pixels = np.dstack([small_photo, small_photo[:, :, :1]]).astype(np.int64) * (257 if dtype == np.uint16 else 1)
     pixels = ((pixels + noise) % (np.iinfo(dtype).max + 1)).astype(dtype)
-    pixels = pixels[:, :, 0] if channels is None else np.ascontiguousarray(pixels[:, :, :channels])
-    data = encode_png(pixels)
+    return pixels[:, :, 0] if channels is None else np.ascontiguousarray(pixels[:, :, :channels])
+
+
+def _read_by_two_readers(data: bytes, pixels: np.ndarray) -> None:
     back = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    assert back.dtype == dtype and np.array_equal(back, pixels if channels != 1 else pixels[:, :, 0])
+    assert back.dtype == pixels.dtype and np.array_equal(back, pixels.squeeze())
     with Image.open(io.BytesIO(data)) as pil:  # a second, independent reader
         pil.load()
         assert pil.size == (pixels.shape[1], pixels.shape[0])
+
+
+@pytest.mark.parametrize("channels", [None, 1, 3, 4])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_png_writer_round_trips_every_mode_exactly_and_any_reader_reads_it(small_photo, channels, dtype):
+    pixels = _every_mode(small_photo, channels, dtype)
+    _read_by_two_readers(encode_png(pixels), pixels)
     with pytest.raises(ValueError):
         encode_png(pixels.astype(np.float32))
+
+
+@pytest.mark.parametrize("channels", [None, 1, 3, 4])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_png_halves_deflated_apart_join_into_one_stream_that_any_reader_reads(small_photo, channels, dtype,
+                                                                              monkeypatch):
+    monkeypatch.setattr(png, "_SPLIT_BYTES", 1)  # small pictures split too
+    pixels = _every_mode(small_photo, channels, dtype)
+    data = encode_png(pixels, helper=_RunsAtOnce())
+    _read_by_two_readers(data, pixels)
+    idat = data[data.index(b"IDAT") + 4:data.index(b"IEND") - 8]
+    assert zlib.decompress(idat)  # one stream, its checksum over both halves (zlib checks it)
+
+
+def test_png_half_handed_to_a_busy_helper_is_taken_back(small_photo, monkeypatch):
+    monkeypatch.setattr(png, "_SPLIT_BYTES", 1)
+    busy, release = ThreadPoolExecutor(max_workers=1), threading.Event()
+    busy.submit(release.wait)  # its only thread is taken
+    try:
+        with ThreadPoolExecutor(max_workers=1) as caller:  # so a hang fails the test instead
+            data = caller.submit(encode_png, small_photo, helper=busy).result(timeout=30)
+        _read_by_two_readers(data, small_photo)
+    finally:
+        release.set()
+        busy.shutdown()
 
 
 def test_encode_bit_depth_and_alpha_rules(small_photo):

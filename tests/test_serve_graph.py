@@ -201,6 +201,14 @@ def test_served_output_equals_the_engine(client, store, small_photo):
     np.testing.assert_array_equal(served, local)
 
 
+def test_a_large_png_answer_deflated_on_two_threads_equals_the_engine(client, store, astronaut_bgr):
+    picture = np.ascontiguousarray(astronaut_bgr[:160, :160])  # 640x640 out: its PNG deflated in halves
+    served = _image(client.post("/v1/restore", params={"model": "realesr-animevideov3"}, content=_png(picture)))
+    tile = TileConfig(**TEST_RUNTIME["tile"])
+    local = load_upscaler("realesr-animevideov3", store, EngineConfig(device="cpu", tile=tile)).upscale([picture])[0]
+    np.testing.assert_array_equal(served, local)
+
+
 def test_faces_through_the_graph(client, astronaut_bgr):
     # Random RetinaFace weights "find" arbitrary faces: the path runs end to end, the background
     # upscaled on the Real-ESRGAN deployment, and limits.max_faces (4 here) caps the count.

@@ -69,7 +69,8 @@ class PreprocessDeployment:
             result = await self._restore(decoded.pixels, options, timings)
             fmt = options.format or default_output_format(decoded.header.format)
             with _timed(timings, "encode"):
-                encoded = await self.workers.cpu(encode, result.pixels, fmt, quality=options.quality)
+                encoded = await self.workers.cpu(encode, result.pixels, fmt, quality=options.quality,
+                                                 helper=self.workers.cpu_pool)  # a free thread takes half
             return Encoded(encoded, fmt, result.width, result.height, result.faces, timings)
         except Exception as exc:  # noqa: BLE001  a lost GPU replica is named here, where it is seen
             raise _typed(exc) from None

@@ -34,6 +34,12 @@ class Workers:
     async def cpu(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self._cpu, partial(fn, *args, **kwargs))
 
+    @property
+    def cpu_pool(self) -> ThreadPoolExecutor:
+        """The CPU pool itself, for work on it to hand a part to another of its threads (which
+        must take the part back when none is free: see ``imageio.png``)."""
+        return self._cpu
+
 
 def _own_cuda_stream() -> None:
     """Make this thread's current CUDA stream a new one (PyTorch keeps the current stream per

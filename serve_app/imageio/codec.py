@@ -6,6 +6,7 @@ because IMREAD_UNCHANGED leaves it out.
 """
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -123,20 +124,22 @@ def default_output_format(input_format: str) -> str:
     return "jpeg" if input_format == "jpeg" else "png"
 
 
-def encode(pixels: np.ndarray, fmt: str, *, quality: int | None = None, png_compression: int = 1) -> bytes:
+def encode(pixels: np.ndarray, fmt: str, *, quality: int | None = None, png_compression: int = 1,
+           helper: Executor | None = None) -> bytes:
     """An array to PNG, JPEG or WebP bytes.
 
     PNG keeps 16 bits and alpha. JPEG has neither: 16-bit drops to 8 and alpha is discarded.
     WebP keeps alpha at 8 bits. ``quality`` (1-100) applies to JPEG (default 95) and WebP
     (default 90; above 100 is lossless). PNG goes through ``encode_png`` (ISA-L's deflate at
-    ``png_compression``, 0-3), about twice as fast as OpenCV's writer.
+    ``png_compression``, 0-3), about twice as fast as OpenCV's writer, and a large one may
+    share its deflating with a ``helper`` thread pool.
     """
     if fmt not in OUTPUT_FORMATS:
         raise InvalidOption(f"format must be one of {', '.join(OUTPUT_FORMATS)}, not {fmt!r}")
     if quality is not None and not 1 <= quality <= 101:
         raise InvalidOption(f"quality must be between 1 and 100 (101: lossless WebP), not {quality}")
     if fmt == "png":
-        return encode_png(pixels, png_compression)
+        return encode_png(pixels, png_compression, helper=helper)
     if fmt == "jpeg":
         pixels = _drop_alpha(to_8bit(pixels))
         params = [cv2.IMWRITE_JPEG_QUALITY, min(quality or 95, 100)]
