@@ -9,7 +9,8 @@ one lane while it restores others in the second, where two replicas sharing a GP
 turns on it, process by process.
 
 CPU work (decoding, tiles, stitching, pasting faces, encoding: the CPU deployment's) goes to a
-small pool; OpenCV and numpy release the GIL, so its threads overlap. Meanwhile the event loop
+small pool; OpenCV, numpy and ISA-L release the GIL, so its threads overlap (a large PNG
+answer is deflated by two of them when both are free). Meanwhile the event loop
 keeps answering health checks and queue probes and gathers the next batch.
 """
 from __future__ import annotations

@@ -76,7 +76,8 @@ FaceNetwork = Callable[[torch.Tensor], torch.Tensor]
 
 
 class FaceEngine:
-    """The device half (find, restore, paste masks); ``paste_faces`` is the CPU half."""
+    """The device half (find, restore, paste masks); ``face_canvas`` and ``paste_faces`` are
+    the CPU half."""
 
     def __init__(self, restorer: FaceNetwork, parser: FaceNetwork, detector: Detector, *,
                  device: torch.device, dtype: torch.dtype = torch.float32, max_faces: int = 20,
