@@ -1,14 +1,16 @@
 """Where the served paths' p99 under load comes from: the measurements behind the README.
 
     python -m bench.tail queue [--rate 66.6] [--fixed-ms 4.9] [--tile-ms 9.0] [--unloaded-ms 59]
+                               [--arrivals poisson|even]
     python -m bench.tail bound RESULTS.json [...]
     python -m bench.tail overlap          # CUDA only
     python -m bench.tail client [--rate 64]
     python -m bench.tail settings [--paths faces upscale] [--variant NAME JSON ...] [--open-seconds 16]
 
-- ``queue``: Poisson arrivals at one device that runs one batch at a time, formed as
-  ``DeviceBatcher`` forms them (everything waiting, up to the cap; a lone item waits
-  ``--wait-ms`` for company when it finds the device idle), a batch of n tiles taking
+- ``queue``: Poisson (or, with ``--arrivals even``, evenly spaced) arrivals at one device
+  that runs one batch at a time, formed as ``DeviceBatcher`` forms them (everything waiting,
+  up to the cap; a lone item waits ``--wait-ms`` for company when it finds the device idle),
+  a batch of n tiles taking
   ``fixed + n * tile`` ms: the GPU step's p50/p99 and mean batch, for several caps, against one
   request alone; and the floor of a whole request's p99 (all but the GPU step kept at their
   unloaded times) against its unloaded p50.
@@ -38,7 +40,7 @@ import argparse
 import asyncio
 import json
 import os
-import random
+import itertools
 import subprocess
 import sys
 import tempfile
@@ -48,23 +50,25 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.arrivals import ARRIVALS, arrival_gaps
+
 
 def simulate_queue(rate: float, batch_ms, cap: int, wait_ms: float, requests: int = 200_000,
-                   seed: int = 0) -> dict:
-    """The GPU step of each request (arrival to its batch's end) in a one-batch-at-a-time queue."""
-    rng = random.Random(seed)
-    arrivals = np.cumsum([rng.expovariate(rate / 1e3) for _ in range(requests)])
+                   seed: int = 0, arrivals: str = "poisson") -> dict:
+    """The GPU step of each request (arrival to its batch's end) in a one-batch-at-a-time queue,
+    ``rate`` requests a second arriving as ``arrival_gaps`` spaces them."""
+    times = np.cumsum(list(itertools.islice(arrival_gaps(rate / 1e3, arrivals, seed), requests)))
     latencies, sizes, free, i = [], [], 0.0, 0
     while i < requests:
-        start = max(free, arrivals[i])
-        if start == arrivals[i]:  # the device was idle: wait for company, or until the batch is full
-            full = arrivals[i + cap - 1] if i + cap - 1 < requests else np.inf
-            start = min(arrivals[i] + wait_ms, full)
+        start = max(free, times[i])
+        if start == times[i]:  # the device was idle: wait for company, or until the batch is full
+            full = times[i + cap - 1] if i + cap - 1 < requests else np.inf
+            start = min(times[i] + wait_ms, full)
         j = i
-        while j < requests and j - i < cap and arrivals[j] <= start:
+        while j < requests and j - i < cap and times[j] <= start:
             j += 1
         end = start + batch_ms(j - i)
-        latencies.extend(end - arrivals[i:j])
+        latencies.extend(end - times[i:j])
         sizes.append(j - i)
         free, i = end, j
     return {"mean_ms": float(np.mean(latencies)), "p50_ms": float(np.percentile(latencies, 50)),
@@ -76,10 +80,12 @@ def queue(args) -> dict:
         return args.fixed_ms + args.tile_ms * n
 
     alone = batch_ms(1) + args.wait_ms
-    by_cap = {cap: simulate_queue(args.rate, batch_ms, cap, args.wait_ms) for cap in (2, 4, 8)}
+    by_cap = {cap: simulate_queue(args.rate, batch_ms, cap, args.wait_ms, arrivals=args.arrivals)
+              for cap in (2, 4, 8)}
     # The best the whole request could do: everything but the GPU step kept at its unloaded time.
     floor_ms = args.unloaded_ms - alone + by_cap[args.cap]["p99_ms"]
-    return {"rate_per_s": args.rate, "batch_ms": f"{args.fixed_ms} + {args.tile_ms} * tiles", "alone_ms": alone,
+    return {"rate_per_s": args.rate, "arrivals": args.arrivals,
+            "batch_ms": f"{args.fixed_ms} + {args.tile_ms} * tiles", "alone_ms": alone,
             "by_cap": by_cap, "request_p99_floor_ms": floor_ms,
             "request_p99_floor_over_unloaded_p50": floor_ms / args.unloaded_ms}
 
@@ -175,7 +181,7 @@ async def _client_latencies(kind: str, url: str, rate: float, seconds: float) ->
     import aiohttp
     import httpx
 
-    body, latencies, rng = os.urandom(130_000), [], random.Random(0)
+    body, latencies, gaps = os.urandom(130_000), [], arrival_gaps(rate)
     if kind == "httpx":
         session = httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=None))
     else:
@@ -196,7 +202,7 @@ async def _client_latencies(kind: str, url: str, rate: float, seconds: float) ->
         while due < seconds:
             await asyncio.sleep(max(0.0, start + due - time.perf_counter()))
             tasks.append(asyncio.create_task(one()))
-            due += rng.expovariate(rate)
+            due += next(gaps)
         await asyncio.gather(*tasks)
     return latencies
 
@@ -278,6 +284,8 @@ def main() -> None:
     q.add_argument("--wait-ms", type=float, default=5.0, help="upscaler_batch_wait_s, in ms (run l's; the "
                    "service's default is 0 since run j)")
     q.add_argument("--cap", type=int, default=8, choices=(2, 4, 8), help="tile.batch_size, for the floor")
+    q.add_argument("--arrivals", choices=ARRIVALS, default="poisson", help="how requests are spaced "
+                   "(bench.arrivals)")
     q.add_argument("--unloaded-ms", type=float, default=59.0, help="a whole request's unloaded p50 (run l)")
     b = sub.add_parser("bound")
     b.add_argument("results", nargs="+", type=Path, help="JSON files of served runs (bench/results/)")

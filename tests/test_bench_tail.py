@@ -1,8 +1,10 @@
 """The queue simulation behind the README's tail figures, against queueing theory's exact answers."""
+import itertools
 import math
 
 import pytest
 
+from bench.arrivals import arrival_gaps
 from bench.tail import perfect_device_bound, simulate_queue
 
 TILE_MS, RATE = 10.0, 70.0  # a device 70% busy, one tile at a time
@@ -31,6 +33,25 @@ def test_one_tile_at_a_time_matches_the_exact_m_d_1_queue():
     assert simulated["mean_ms"] == pytest.approx(pollaczek_khinchine_ms, rel=0.03)
     assert simulated["p99_ms"] == pytest.approx(_md1_p99_ms(), rel=0.03)
     assert simulated["mean_batch"] == 1.0
+
+
+def test_evenly_spaced_arrivals_under_the_device_rate_never_wait():
+    # D/D/1 at 70%: each tile is done before the next arrives, whatever the batch cap.
+    for cap in (1, 8):
+        simulated = simulate_queue(RATE, lambda n: TILE_MS * n, cap=cap, wait_ms=0.0, arrivals="even")
+        assert simulated["p99_ms"] == pytest.approx(TILE_MS) and simulated["mean_batch"] == 1.0
+
+
+def test_arrival_gaps_keep_the_rate_and_differ_only_in_spread():
+    even = list(itertools.islice(arrival_gaps(50.0, "even"), 20_000))
+    poisson = list(itertools.islice(arrival_gaps(50.0, "poisson"), 20_000))
+    assert set(even) == {1 / 50.0}
+    assert sum(poisson) / len(poisson) == pytest.approx(1 / 50.0, rel=0.03)
+    # exponential gaps: as spread as they are long, and about 1% longer than 4.6 mean gaps
+    assert (sum(g * g for g in poisson) / len(poisson) - (1 / 50.0) ** 2) ** 0.5 == pytest.approx(1 / 50.0, rel=0.05)
+    assert sum(g > 4.6 / 50.0 for g in poisson) / len(poisson) == pytest.approx(0.01, abs=0.003)
+    with pytest.raises(ValueError, match="arrivals must be one of"):
+        next(arrival_gaps(50.0, "bursty"))
 
 
 def test_batches_of_equal_tiles_make_the_tail_longer_on_a_device_with_no_cost_per_batch():
