@@ -189,6 +189,11 @@ def _served_rows(srv: dict) -> list[str]:
         loaded, unloaded = path["open_loop_at_70_percent"], path["closed_loop"][0]
         rows.append(f"| {name}: p99 at 70% of peak ({loaded['offered_per_s']:.1f}/s) vs unloaded p50 "
                     f"| {loaded['p99_ms']:.0f} ms | {unloaded['p50_ms']:.0f} ms | {loaded['p99_over_unloaded_p50']:.2f}x |")
+    for name, path in paths:  # the same rate evenly spaced: the tail that is the service's own
+        even, unloaded = path.get("open_loop_at_70_percent_even"), path["closed_loop"][0]
+        if even:  # reports before 2026-11-29 run o lack it
+            rows.append(f"| {name}: p99 at 70% of peak, evenly spaced arrivals, vs unloaded p50 "
+                        f"| {even['p99_ms']:.0f} ms | {unloaded['p50_ms']:.0f} ms | {even['p99_over_unloaded_p50']:.2f}x |")
     for name, path in paths:  # the tail a request has alone, and what the load adds to it
         loaded, unloaded = path["open_loop_at_70_percent"], path["closed_loop"][0]
         rows.append(f"| {name}: p99 at 70% of peak vs unloaded p99 | {loaded['p99_ms']:.0f} ms "

@@ -6,6 +6,7 @@ one GPU replica each at 0.5 GPU, CPU replicas as set below) and measures, per pa
   (``more_load``): throughput, p50/p95/p99 latency, and from the GPU replica where a request's
   time went (queued, served, bare forward);
 - open loop (Poisson arrivals) at 70% of the best throughput: p50/p99 against the unloaded p50;
+  then the same rate evenly spaced, where a tail left is the service's own (``bench.arrivals``);
 - at every level and in the open loop, the node's busy cores, whole and per kind of process
   (``bench.host_cpu``), so the cores one GPU needs count the proxy, the ingress and Ray too;
 - the largest input the service accepts by default (2048x2048 at x4), under the memory cap of a
@@ -19,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -33,6 +33,7 @@ import torch
 import yaml
 from ray import serve
 
+from bench.arrivals import arrival_gaps
 from bench.common import known_face_detector, percentiles, photo, png
 from bench.host_cpu import LOAD_GENERATOR, HostCpu
 from serve_app.config import AppArgs
@@ -168,20 +169,20 @@ async def closed_loop(body: bytes, params: dict, concurrency: int, seconds: floa
             "steps_ms_p99": {k: float(np.percentile(v, 99)) for k, v in steps.items()}}
 
 
-async def open_loop(body: bytes, params: dict, rate: float, seconds: float) -> dict:
-    """Requests arriving at ``rate`` per second (Poisson), whatever the answers' pace."""
+async def open_loop(body: bytes, params: dict, rate: float, seconds: float, arrivals: str = "poisson") -> dict:
+    """Requests arriving at ``rate`` per second (``arrival_gaps``), whatever the answers' pace."""
     latencies: list[float] = []
     steps: dict[str, list] = {}
-    rng = random.Random(0)
+    gaps = arrival_gaps(rate, arrivals)
     async with _client() as http:
         tasks, start, due = [], time.perf_counter(), 0.0
         while due < seconds:
             await asyncio.sleep(max(0.0, start + due - time.perf_counter()))
             tasks.append(asyncio.create_task(_post(http, body, params, latencies, steps)))
-            due += rng.expovariate(rate)
+            due += next(gaps)
         await asyncio.gather(*tasks)
     # where the tail is: each step's p50 and p99 (x-timing headers; "restore" holds the GPU work)
-    return {"offered_per_s": rate, "requests": len(latencies), **percentiles(latencies),
+    return {"offered_per_s": rate, "arrivals": arrivals, "requests": len(latencies), **percentiles(latencies),
             "steps_ms": {k: {"p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99))}
                          for k, v in steps.items()}}
 
@@ -221,15 +222,20 @@ def _path(name: str, body: bytes, params: dict, levels: list[int], seconds: floa
     with HostCpu() as host:
         loaded = asyncio.run(open_loop(body, params, 0.7 * best, open_seconds))
     loaded.update(gpu_replica_times(name), host_cpu=host.report)
-    unloaded = results[0]["p50_ms"]
-    loaded["p99_over_unloaded_p50"] = loaded["p99_ms"] / unloaded
-    # how much of that tail a request has alone, and how much the load adds to it
-    loaded["p99_over_unloaded_p99"] = loaded["p99_ms"] / results[0]["p99_ms"]
+    # The same rate evenly spaced: what is left of the tail is the service's own, not the
+    # bunching of random arrivals that any single queue turns into waiting.
+    reset_gpu_stats()
+    even = asyncio.run(open_loop(body, params, 0.7 * best, open_seconds, arrivals="even"))
+    even.update(gpu_replica_times(name))
+    for loop in (loaded, even):
+        loop["p99_over_unloaded_p50"] = loop["p99_ms"] / results[0]["p50_ms"]
+        # how much of that tail a request has alone, and how much the load adds to it
+        loop["p99_over_unloaded_p99"] = loop["p99_ms"] / results[0]["p99_ms"]
     # CPU time of a request measured unloaded (no thread waits), and the cores it takes at the
     # best rate; Ray's and the HTTP proxy's own CPU come on top.
     cpu_ms = sum(v for k, v in results[0]["steps_ms_p50"].items() if k in CPU_STEPS)
     return {"path": name, "params": params, "closed_loop": results, "best_images_per_s": best,
-            "open_loop_at_70_percent": loaded, "cpu_ms_per_request": cpu_ms,
+            "open_loop_at_70_percent": loaded, "open_loop_at_70_percent_even": even, "cpu_ms_per_request": cpu_ms,
             "cpu_cores_at_best_rate": cpu_ms * best / 1e3,
             "node_cores_at_best_rate": _service_cores(max(results, key=lambda r: r["images_per_s"])["host_cpu"])}
 
