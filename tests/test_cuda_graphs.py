@@ -47,7 +47,7 @@ def test_the_most_recently_used_shapes_keep_their_graphs():
     graphs(c), graphs(c)
     assert graphs.shapes() == [(1, 4), (3, 4)]
     assert capture.shapes == [(1, 4), (2, 4), (3, 4)]
-    graphs(b), graphs(b)  # b was dropped: seen once more, then captured again
+    graphs(b)  # b's graph was dropped, but b is known to recur: captured again at once
     assert capture.shapes[-1] == (2, 4)
     assert graphs.shapes() == [(3, 4), (2, 4)]
 
@@ -71,3 +71,18 @@ def test_inputs_of_one_shape_but_other_strides_get_graphs_of_their_own():
     for y in (x, x, channels_last, channels_last):
         graphs(y)
     assert capture.shapes == [(2, 3, 4, 4), (2, 3, 4, 4)]
+
+
+
+def test_only_a_shapes_first_call_goes_to_the_first_sight_forward_graphs_or_none():
+    for keep, max_elements in ((2, 1000), (0, 1000), (2, 1)):  # graphs; none kept; too large for one
+        calls = []
+        graphs = GraphsByShape(lambda x: calls.append(("forward", tuple(x.shape))) or x * 2 + 1, keep=keep,
+                               max_elements=max_elements, capture=RecordingCapture(),
+                               first_sight=lambda x: calls.append(("first sight", tuple(x.shape))) or x * 2 + 1)
+        a, b = torch.ones(1, 4), torch.ones(2, 4)
+        for x in (a, a, b, a, b, b):
+            assert torch.equal(graphs(x), x * 2 + 1)
+        # (the recording capture replays by calling forward, so every call is recorded)
+        assert calls == [("first sight", (1, 4)), ("forward", (1, 4)), ("first sight", (2, 4)),
+                         ("forward", (1, 4)), ("forward", (2, 4)), ("forward", (2, 4))], (keep, max_elements)

@@ -50,6 +50,7 @@ class CapturedCall:
 
 
 _TURNS = threading.Lock()  # see the module's note
+_SHAPES_REMEMBERED = 64  # at least, graphs or none: a shape not among them comes for the first time
 
 
 class GraphsByShape:
@@ -57,8 +58,11 @@ class GraphsByShape:
 
     A shape gets its graph the second time it comes (a one-off picture size is not worth a
     capture, which costs about two plain calls); the ``keep`` most recently used graphs are
-    kept. Inputs of more than ``max_elements`` elements run as plain calls: there the GPU time
-    dwarfs the launches, and a graph would hold their working memory for good.
+    kept, and a shape whose graph was dropped gets a new one when it next comes. Inputs of more
+    than ``max_elements`` elements run as plain calls: there the GPU time dwarfs the launches,
+    and a graph would hold their working memory for good. The first call of a shape goes to
+    ``first_sight`` (by default ``forward``), which computes the same thing another way:
+    without cuDNN, say, which plans for every new shape (see ``no_cudnn``).
 
     ``capture(forward, example)`` makes a graph: by default a ``CapturedCall`` in a memory pool
     that all this object's graphs share. Not thread-safe: one caller (a device lane) at a time,
@@ -66,11 +70,12 @@ class GraphsByShape:
     """
 
     def __init__(self, forward: Callable, *, keep: int, max_elements: int,
-                 capture: Callable[[Callable, torch.Tensor], Callable] | None = None):
+                 capture: Callable[[Callable, torch.Tensor], Callable] | None = None,
+                 first_sight: Callable | None = None):
         self.forward, self.keep, self.max_elements = forward, keep, max_elements
-        self.capture = capture or _SharedPoolCapture()
+        self.capture, self.first_sight = capture or _SharedPoolCapture(), first_sight or forward
         self._graphs: OrderedDict[tuple, Callable] = OrderedDict()
-        self._seen_once: OrderedDict[tuple, None] = OrderedDict()
+        self._seen: OrderedDict[tuple, None] = OrderedDict()
 
     def __call__(self, x: torch.Tensor):
         key = (tuple(x.shape), x.dtype, x.stride())
@@ -78,7 +83,9 @@ class GraphsByShape:
         if graph is not None:
             self._graphs.move_to_end(key)
             return graph(x)
-        if not self.keep or x.numel() > self.max_elements or not self._recurs(key):
+        if not self._recurs(key):
+            return self.first_sight(x)
+        if not self.keep or x.numel() > self.max_elements:
             return self.forward(x)
         if len(self._graphs) >= self.keep:
             self._graphs.popitem(last=False)  # its blocks stay in the pool for the next capture
@@ -90,13 +97,13 @@ class GraphsByShape:
         return [shape for shape, _, _ in self._graphs]
 
     def _recurs(self, key: tuple) -> bool:
-        """Whether ``key`` came before (and is remembered); remembers it otherwise."""
-        if key in self._seen_once:
-            del self._seen_once[key]
+        """Whether ``key`` came before (among the shapes remembered, the most recent); remembers it."""
+        if key in self._seen:
+            self._seen.move_to_end(key)
             return True
-        self._seen_once[key] = None
-        if len(self._seen_once) > 4 * self.keep:
-            self._seen_once.popitem(last=False)
+        self._seen[key] = None
+        if len(self._seen) > max(4 * self.keep, _SHAPES_REMEMBERED):
+            self._seen.popitem(last=False)
         return False
 
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from serve_app.engines.cuda_graphs import GraphsByShape
+from serve_app.engines.no_cudnn import without_cudnn
 
 
 class RetinaFaceDetector:
@@ -18,14 +19,18 @@ class RetinaFaceDetector:
     is replayed from a CUDA graph for batches whose shape recurs (``graphs`` of them kept, each
     of at most ``graph_pixels`` pixels): on an H100 host one 512x512 picture took 13.0 ms of
     the device lane's thread eager (launching kernels under the GIL, then waiting), 5.2 ms
-    replayed, and the outputs were bit-equal.
+    replayed, and the outputs were bit-equal. A shape's first pass skips cuDNN
+    (``without_cudnn``): photos come in every size, and cuDNN's plans for a new one cost
+    50-160 ms more than the pass itself on H200 hosts.
     """
 
     def __init__(self, network: nn.Module, threshold: float = 0.97, nms_threshold: float = 0.4, *,
                  graphs: int = 0, graph_pixels: int = 0):
         self.network, self.threshold, self.nms_threshold = network, threshold, nms_threshold
         self._priors: dict[tuple[int, int], torch.Tensor] = {}
-        self.outputs = GraphsByShape(self._network_outputs, keep=graphs, max_elements=3 * graph_pixels)
+        first_sight = without_cudnn(network)
+        self.outputs = GraphsByShape(self._network_outputs, keep=graphs, max_elements=3 * graph_pixels,
+                                     first_sight=lambda batch: self._network_outputs(batch, first_sight))
 
     @torch.inference_mode()
     def __call__(self, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -70,10 +75,11 @@ class RetinaFaceDetector:
             answers.append(np.concatenate((found[kept], marks[order][kept]), axis=1))
         return answers
 
-    def _network_outputs(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """N x H x W x 3 uint8 BGR pictures on the device -> the network's box offsets, class
-        scores and landmark offsets per anchor."""
-        net = self.network
+    def _network_outputs(self, batch: torch.Tensor, network: nn.Module | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """N x H x W x 3 uint8 BGR pictures on the device -> the network's (or its twin
+        ``network``'s) box offsets, class scores and landmark offsets per anchor."""
+        net = network or self.network
         return net(batch.permute(0, 3, 1, 2).float() - net.mean_tensor)
 
     def _priors_for(self, height: int, width: int) -> torch.Tensor:
