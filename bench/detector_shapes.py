@@ -46,7 +46,8 @@ def measure() -> dict:
     network = load_network(get_spec("retinaface_resnet50"), store, device)
     runtime = RuntimeConfig()
     service = RetinaFaceDetector(network, graphs=runtime.face_detect_graphs if device.type == "cuda" else 0,
-                                 graph_pixels=runtime.face_detect_graph_pixels)
+                                 graph_pixels=runtime.face_detect_graph_pixels,
+                                 first_sight_pixels=runtime.face_detect_batch_pixels)
     cudnn_always = RetinaFaceDetector(network)
     cudnn_always.outputs.first_sight = cudnn_always.outputs.forward  # the network, every time
     base = photo()

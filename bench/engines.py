@@ -157,7 +157,8 @@ def face_stage(store, name: str, device: str, batch: int, repeats: int, compile_
     for key, precision, compile_mode in _variants(device, compile_too):
         engine = load_face_engine(name, store, EngineConfig(device=device, precision=precision, compile=compile_mode),
                                   detect_graphs=runtime.face_detect_graphs,
-                                  detect_graph_pixels=runtime.face_detect_graph_pixels)
+                                  detect_graph_pixels=runtime.face_detect_graph_pixels,
+                                  detect_first_sight_pixels=runtime.face_detect_batch_pixels)
         one = timed(lambda: engine.restore([crop]), repeats)
         seconds = timed(lambda: engine.restore([crop] * batch), repeats)
         masks = timed(lambda: engine.paste_masks([crop]), repeats)

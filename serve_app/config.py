@@ -95,7 +95,9 @@ class RuntimeConfig(_Strict):
     face_batch_wait_s: float = Field(default=0.0, ge=0, le=1, description="The same for the face "
                                      "replica's detector and restorer batches.")
     face_detect_batch_pixels: int = Field(default=4 * 1024 * 1024, gt=0, description="Pixels the face "
-                                          "detector takes in one pass (bounds its GPU memory with large photos).")
+                                          "detector takes in one pass (bounds its GPU memory with large "
+                                          "photos); also the largest pass that, the first time its shape "
+                                          "comes, runs without cuDNN rather than wait for cuDNN's plans.")
     face_detect_graphs: int = Field(default=16, ge=0, description="Batch shapes (picture size and "
                                     "count) whose face detection is replayed from a CUDA graph where "
                                     "the engines compile: the most recently used are kept, and a shape "

@@ -60,6 +60,7 @@ class FaceDeployment:
         return load_face_engine(name, self.store, runtime.engine(self.args.device), max_faces=runtime.limits.max_faces,
                                 detect_graphs=runtime.face_detect_graphs,
                                 detect_graph_pixels=runtime.face_detect_graph_pixels,
+                                detect_first_sight_pixels=runtime.face_detect_batch_pixels,
                                 share_with=self.engines.any_loaded())
 
     def reconfigure(self, user_config: dict) -> None:
@@ -147,7 +148,7 @@ class FaceDeployment:
 
 def _engine_settings(runtime: RuntimeConfig) -> tuple:
     return (runtime.precision, runtime.compile, runtime.limits.max_faces, runtime.face_detect_graphs,
-            runtime.face_detect_graph_pixels)
+            runtime.face_detect_graph_pixels, runtime.face_detect_batch_pixels)
 
 
 def restore_and_mask(engine: FaceEngine, crops: list[np.ndarray], strength: float, paste: bool,

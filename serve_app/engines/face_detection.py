@@ -19,18 +19,19 @@ class RetinaFaceDetector:
     is replayed from a CUDA graph for batches whose shape recurs (``graphs`` of them kept, each
     of at most ``graph_pixels`` pixels): on an H100 host one 512x512 picture took 13.0 ms of
     the device lane's thread eager (launching kernels under the GIL, then waiting), 5.2 ms
-    replayed, and the outputs were bit-equal. A shape's first pass skips cuDNN
-    (``without_cudnn``): photos come in every size, and cuDNN's plans for a new one cost
-    50-160 ms more than the pass itself on H200 hosts.
+    replayed, and the outputs were bit-equal. A shape's first pass of at most
+    ``first_sight_pixels`` pixels skips cuDNN (``without_cudnn``): photos come in every size,
+    and cuDNN's plans for a new one cost 50-160 ms more than the pass itself on H200 hosts.
     """
 
     def __init__(self, network: nn.Module, threshold: float = 0.97, nms_threshold: float = 0.4, *,
-                 graphs: int = 0, graph_pixels: int = 0):
+                 graphs: int = 0, graph_pixels: int = 0, first_sight_pixels: int = 0):
         self.network, self.threshold, self.nms_threshold = network, threshold, nms_threshold
+        self.first_sight_pixels = first_sight_pixels
         self._priors: dict[tuple[int, int], torch.Tensor] = {}
-        first_sight = without_cudnn(network)
+        self._twin = without_cudnn(network)
         self.outputs = GraphsByShape(self._network_outputs, keep=graphs, max_elements=3 * graph_pixels,
-                                     first_sight=lambda batch: self._network_outputs(batch, first_sight))
+                                     first_sight=self._first_pass)
 
     @torch.inference_mode()
     def __call__(self, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -74,6 +75,15 @@ class RetinaFaceDetector:
             kept = nms(torch.from_numpy(found[:, :4]), torch.from_numpy(found[:, 4]), self.nms_threshold).numpy()
             answers.append(np.concatenate((found[kept], marks[order][kept]), axis=1))
         return answers
+
+    def _first_pass(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``_network_outputs`` for a shape not seen before: on the twin that skips cuDNN, unless
+        the pass is larger than ``first_sight_pixels``. Without cuDNN a convolution unfolds its
+        input (im2col), about 150 bytes a pixel at RetinaFace's first layers, and runs about 2.3
+        times as long (eight 512x512 pictures, H200: 27.6 against 12.0 ms), so for the largest
+        pictures a plan costs less than its absence."""
+        small = batch.numel() <= 3 * self.first_sight_pixels  # 8-bit BGR: three values a pixel
+        return self._network_outputs(batch, self._twin if small else None)
 
     def _network_outputs(self, batch: torch.Tensor, network: nn.Module | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

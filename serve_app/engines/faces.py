@@ -261,13 +261,15 @@ def _check_strength(strength: float) -> None:
 
 
 def load_face_engine(name: str, store, engine, *, max_faces: int = 20, detect_graphs: int = 0,
-                     detect_graph_pixels: int = 0, share_with: FaceEngine | None = None) -> FaceEngine:
+                     detect_graph_pixels: int = 0, detect_first_sight_pixels: int = 0,
+                     share_with: FaceEngine | None = None) -> FaceEngine:
     """The registry face model ``name`` with RetinaFace and ParseNet, on ``engine``'s device.
 
     ``share_with``: an engine of the same settings whose detector and parser this one uses too
     (they are the same two networks for every face model). Where ``engine`` compiles, so are
     the parser and a GFPGAN restorer, and the detector keeps up to ``detect_graphs`` CUDA
-    graphs of passes of at most ``detect_graph_pixels`` pixels (see ``RetinaFaceDetector``).
+    graphs of passes of at most ``detect_graph_pixels`` pixels; a shape's first pass of at most
+    ``detect_first_sight_pixels`` skips cuDNN (see ``RetinaFaceDetector``).
     """
     from serve_app.engines.device import resolve_compile, resolve_device, resolve_dtype
     from serve_app.engines.networks import load_network
@@ -290,7 +292,8 @@ def load_face_engine(name: str, store, engine, *, max_faces: int = 20, detect_gr
         # Detection and parsing stay in fp32, as GFPGANer runs them.
         detector = RetinaFaceDetector(load_network(get_spec("retinaface_resnet50"), store, device),
                                       graphs=detect_graphs if compiled and device.type == "cuda" else 0,
-                                      graph_pixels=detect_graph_pixels)
+                                      graph_pixels=detect_graph_pixels,
+                                      first_sight_pixels=detect_first_sight_pixels)
         parser = FirstOutput(load_network(get_spec("parsenet"), store, device))
         if compiled:
             parser = _compiled(parser, "parsenet", store, device, torch.float32)
