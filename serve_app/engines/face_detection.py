@@ -29,7 +29,7 @@ class RetinaFaceDetector:
         self.network, self.threshold, self.nms_threshold = network, threshold, nms_threshold
         self.first_sight_pixels = first_sight_pixels
         self._priors: dict[tuple[int, int], torch.Tensor] = {}
-        self._twin = without_cudnn(network)
+        self._twin = without_cudnn(network) if first_sight_pixels else None
         self.outputs = GraphsByShape(self._network_outputs, keep=graphs, max_elements=3 * graph_pixels,
                                      first_sight=self._first_pass)
 
@@ -89,7 +89,7 @@ class RetinaFaceDetector:
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """N x H x W x 3 uint8 BGR pictures on the device -> the network's (or its twin
         ``network``'s) box offsets, class scores and landmark offsets per anchor."""
-        net = network or self.network
+        net = self.network if network is None else network
         return net(batch.permute(0, 3, 1, 2).float() - net.mean_tensor)
 
     def _priors_for(self, height: int, width: int) -> torch.Tensor:
