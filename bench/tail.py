@@ -10,10 +10,9 @@
 - ``queue``: Poisson (or, with ``--arrivals even``, evenly spaced) arrivals at one device
   that runs one batch at a time, formed as ``DeviceBatcher`` forms them (everything waiting,
   up to the cap; a lone item waits ``--wait-ms`` for company when it finds the device idle),
-  a batch of n tiles taking
-  ``fixed + n * tile`` ms: the GPU step's p50/p99 and mean batch, for several caps, against one
-  request alone; and the floor of a whole request's p99 (all but the GPU step kept at their
-  unloaded times) against its unloaded p50.
+  a batch of n tiles taking ``fixed + n * tile`` ms: the GPU step's p50/p99 and mean batch,
+  for several caps, against one request alone; and the floor of a whole request's p99 (all but
+  the GPU step kept at their unloaded times) against its unloaded p50.
 - ``bound``: for each served run's upscale path, the best p99 over unloaded p50 that any order
   or batching could give at 70% of its peak, on a perfect device: one that takes exactly
   1/peak seconds a tile whatever its batch (no cost per batch, no wait for company), so tiles
@@ -38,9 +37,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
-import itertools
 import subprocess
 import sys
 import tempfile
