@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +43,7 @@ def measure(cache: Path, sizes: int) -> dict:
                     "cpus": os.cpu_count(), "weights": weights, "variants": {}}
     _, params = served.path_request("faces")
     for k, (name, changes) in enumerate(VARIANTS.items()):
-        changed = copy.deepcopy(config)
-        for deployment in changed["applications"][0]["deployments"]:
-            deployment["user_config"].update(changes)
-        served.deploy(changed, folder)
-        time.sleep(5)  # the application reads RUNNING before every replica has its new user_config
+        served.deploy_changed(config, changes, folder)
         freeze_heap()
         asyncio.run(_sights(png(photo()), params))  # warm-up: the 512x512 photo, every CPU replica
         # 520, 536, ... for the first variant, 528, 544, ... for the second: no size twice

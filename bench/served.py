@@ -127,6 +127,16 @@ def deploy(config: dict, tmp: Path) -> None:
     raise TimeoutError("the benchmark application did not start in 15 minutes")
 
 
+def deploy_changed(config: dict, changes: dict, tmp: Path) -> None:
+    """Deploy ``config`` with ``changes`` made to every deployment's ``user_config``: on a
+    running application, the same replicas reconfigured (or reloaded, where a change needs it)."""
+    changed = copy.deepcopy(config)
+    for deployment in changed["applications"][0]["deployments"]:
+        deployment["user_config"].update(changes)
+    deploy(changed, tmp)
+    time.sleep(5)  # the application reads RUNNING before every replica has its new user_config
+
+
 CPU_STEPS = ("decode", "tiles", "stitch", "canvas", "paste", "encode")  # the CPU deployment's own work
 
 

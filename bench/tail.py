@@ -225,8 +225,6 @@ def client(args) -> dict:
 
 
 def settings(args) -> dict:
-    import copy
-
     import torch
     from ray import serve
 
@@ -250,11 +248,7 @@ def settings(args) -> dict:
         turns, rate = report["paths"].setdefault(path, {}), None
         for turn in ("", "_again"):
             for name, changes in variants.items():
-                changed = copy.deepcopy(config)
-                for deployment in changed["applications"][0]["deployments"]:
-                    deployment["user_config"].update(changes)
-                served.deploy(changed, folder)
-                time.sleep(5)  # the application reads RUNNING before every replica has its new user_config
+                served.deploy_changed(config, changes, folder)
                 if rate is None:  # every load level's batch shapes seen (and captured) before measuring
                     rate = 0.7 * asyncio.run(served.closed_loop(body, params, 32, 8))["images_per_s"]
                 served.reset_gpu_stats()
