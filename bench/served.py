@@ -7,7 +7,7 @@ one GPU replica each at 0.5 GPU, CPU replicas as set below) and measures, per pa
   time went (queued, served, bare forward);
 - open loop (Poisson arrivals) at 70% of the best throughput: p50/p99 against the unloaded p50;
   then the same rate evenly spaced, where a tail left is the service's own (``bench.arrivals``);
-- at every level and in the open loop, the node's busy cores, whole and per kind of process
+- at every level and in the Poisson loop, the node's busy cores, whole and per kind of process
   (``bench.host_cpu``), so the cores one GPU needs count the proxy, the ingress and Ray too;
 - the largest input the service accepts by default (2048x2048 at x4), under the memory cap of a
   24 GB card shared half and half;
