@@ -6,6 +6,7 @@
     python -m bench.tail overlap          # CUDA only
     python -m bench.tail client [--rate 64]
     python -m bench.tail settings [--paths faces upscale] [--variant NAME JSON ...] [--open-seconds 16]
+                                  [--arrivals poisson|even]
 
 - ``queue``: Poisson (or, with ``--arrivals even``, evenly spaced) arrivals at one device
   that runs one batch at a time, formed as ``DeviceBatcher`` forms them (everything waiting,
@@ -255,7 +256,7 @@ def settings(args) -> dict:
                 unloaded = asyncio.run(served.closed_loop(body, params, 1, 8))
                 replica_unloaded = served.gpu_replica_times(path)
                 served.reset_gpu_stats()
-                loaded = asyncio.run(served.open_loop(body, params, rate, args.open_seconds))
+                loaded = asyncio.run(served.open_loop(body, params, rate, args.open_seconds, args.arrivals))
                 turns[name + turn] = {"settings": changes, "unloaded": unloaded, "open_loop": loaded,
                                       "p99_over_unloaded_p50": loaded["p99_ms"] / unloaded["p50_ms"],
                                       "replica_unloaded": replica_unloaded,
@@ -293,6 +294,8 @@ def main() -> None:
     f.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "rs-cache",
                    help="weights and compiled kernels")
     f.add_argument("--open-seconds", type=float, default=16.0, help="each turn's open loop")
+    f.add_argument("--arrivals", choices=ARRIVALS, default="poisson", help="how the open loop's requests "
+                   "are spaced (bench.arrivals)")
     f.add_argument("--out", type=Path, help="also written here, after every turn")
     args = parser.parse_args()
     what = {"queue": queue, "bound": bound, "overlap": overlap, "client": client,

@@ -10,7 +10,7 @@ import torch
 
 from serve_app.deployments.batching import DeviceBatcher, group_indices
 from serve_app.deployments.faces import _by_pixels
-from serve_app.deployments.gpu import StepTimes, cap_gpu_memory, gpu_memory
+from serve_app.deployments.gpu import StepTimes, cap_gpu_memory, gpu_memory, timed_call
 from serve_app.deployments.heap import freeze_heap
 from serve_app.deployments.threads import Workers
 
@@ -104,6 +104,20 @@ def test_step_times_and_memory_helpers_off_cuda():
     times.clear()
     assert times.summary() == {"requests": 0}
     assert cap_gpu_memory(torch.device("cpu"), 0.5) is None and gpu_memory(torch.device("cpu"), None) == {}
+
+
+def test_a_timed_call_returns_the_result_and_the_time_on_its_own_thread():
+    def work(x):
+        threading.Event().wait(0.02)
+        return x * 2, threading.get_ident()
+
+    async def main():
+        workers = Workers()
+        return await workers.device(timed_call, work, 21)
+
+    (result, thread), ms = asyncio.run(main())
+    assert result == 42 and thread != threading.get_ident()  # run on the device lane
+    assert 20 <= ms < 1000
 
 
 def test_a_batched_item_is_told_how_long_it_waited_and_how_long_its_batch_took():

@@ -299,6 +299,11 @@ def test_concurrent_requests_share_forward_passes(deployed, astronaut_bgr):
     upscaler = serve.get_deployment_handle("UpscalerDeployment", "restore")
     sizes = upscaler.stats.remote().result()["batch_sizes"]
     assert max(int(k) for k in sizes) > 1, sizes  # tiles of different requests in one forward
+    # and where each request's time went inside the replica (for the benchmark): the device
+    # calls of its batches, split into the network and its copies, then the hand-offs around them
+    times = upscaler.stats.remote().result()["times"]
+    assert times["bare_ms_p50"] > 0 and times["copies_ms_p50"] >= 0 and times["hops_ms_p50"] >= 0, times
+    assert times["served_ms_p99"] >= times["bare_ms_p50"] and times["served_over_bare"] >= 1, times
     for img, result in zip(images, results):  # and each caller got its own picture back
         alone = handle.restore.remote(img, model="realesr-animevideov3").result().pixels
         np.testing.assert_array_equal(result, alone)

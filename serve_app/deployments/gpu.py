@@ -7,7 +7,9 @@ stops one PyTorch process from taking the whole card. The cap makes the share re
 from __future__ import annotations
 
 import ctypes
+import time
 from collections import deque
+from typing import Callable, TypeVar
 
 import numpy as np
 import ray
@@ -83,6 +85,18 @@ def gpu_memory(device: torch.device, fraction: float | None) -> dict:
     return {"peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
             "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
             "cap_gib": (fraction or 1.0) * total / 2**30, "card_gib": total / 2**30}
+
+
+R = TypeVar("R")
+
+
+def timed_call(fn: Callable[..., R], *args) -> tuple[R, float]:
+    """``fn(*args)`` and the milliseconds it took, measured on the thread that runs it (a device
+    lane): with the lane's whole call known, a request's time splits into the call and the
+    hand-offs around it."""
+    started = time.perf_counter()
+    result = fn(*args)
+    return result, (time.perf_counter() - started) * 1e3
 
 
 class StepTimes:

@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from collections import Counter
+from typing import NamedTuple
 
 import numpy as np
 import ray
@@ -17,7 +18,9 @@ from ray import serve
 
 from serve_app.config import AppArgs, RuntimeConfig
 from serve_app.deployments.batching import Deliver, DeviceBatcher, group_indices
-from serve_app.deployments.gpu import StepTimes, cap_gpu_memory, gpu_memory, gpu_waits, sleep_while_gpu_works
+from serve_app.deployments.gpu import (
+    StepTimes, cap_gpu_memory, gpu_memory, gpu_waits, sleep_while_gpu_works, timed_call,
+)
 from serve_app.deployments.heap import freeze_heap, keep_freed_memory
 from serve_app.deployments.models import EngineCache
 from serve_app.deployments.threads import Workers
@@ -71,32 +74,38 @@ class UpscalerDeployment:
         if model not in self.args.upscalers:
             raise InvalidOption(f"model must be one of {', '.join(self.args.upscalers)} or none, not {model!r}")
         engine = self.engines.get(model, _networks_denoise(model, denoise))
-        done = await asyncio.gather(*(self.batcher.submit((engine, x)) for x in tiles))
-        bare_by_batch = {batch: bare for _, batch, bare in done}  # batch: (start time, group)
-        first_start, now = min(started for started, _ in bare_by_batch), time.perf_counter()
+        done: list[_Tile] = await asyncio.gather(*(self.batcher.submit((engine, x)) for x in tiles))
+        calls = {tile.call: (tile.bare_ms, tile.device_ms) for tile in done}  # its device calls, each once
+        first_start, now = min(started for started, _ in calls), time.perf_counter()
+        served, bare = (now - first_start) * 1e3, sum(bare for bare, _ in calls.values())
+        device = sum(device for _, device in calls.values())
         self.times.add(queued=(first_start - entered) * 1e3,  # entry until its first batch started
-                       served=(now - first_start) * 1e3,  # batches, copies, splitting
-                       bare=sum(bare_by_batch.values()),  # the network alone in those batches (CUDA events)
+                       served=served,  # its batches, from the first's start until it resumed
+                       bare=bare,  # the network alone in those batches (CUDA events)
+                       copies=device - bare,  # the rest of those device calls: copies, conversions
+                       # the rest: hand-offs between the event loop and the device lane (and, in a
+                       # batch of several models or tile shapes, the other groups' calls)
+                       hops=served - device,
                        inside=(now - entered) * 1e3)  # queued + served, exactly
         if len(done) == 1:  # the usual small picture: its tile as it came, no copy
-            return done[0][0][np.newaxis]
-        return np.stack([y for y, _, _ in done])
+            return done[0].output[np.newaxis]
+        return np.stack([tile.output for tile in done])
 
     async def _forward_batch(self, items: list[tuple[Upscaler, np.ndarray]], deliver: Deliver) -> None:
         """One forward pass per engine and shape over the tiles of every waiting request, each
         pass's tiles delivered when it ends.
 
-        Each tile comes back with its pass's identity (start time, group) and bare forward time.
+        Each tile comes back with its pass's identity, bare forward time and device call time.
         """
         started = time.perf_counter()
         self.batch_sizes[len(items)] += 1
         for group, indices in enumerate(group_indices(items, lambda item: (id(item[0]), item[1].shape,
                                                                            item[1].dtype))):
             engine = items[indices[0]][0]
-            outputs, bare_ms = await self.workers.device(engine.forward_timed,
-                                                         np.stack([items[i][1] for i in indices]))
+            (outputs, bare_ms), device_ms = await self.workers.device(
+                timed_call, engine.forward_timed, np.stack([items[i][1] for i in indices]))
             for i, y in zip(indices, outputs):
-                deliver(i, (y, (started, group), bare_ms))
+                deliver(i, _Tile(y, (started, group), bare_ms, device_ms))
 
     async def stats(self) -> dict:
         return {"device": str(self.device), "failures": dict(self.engines.failures), "pid": os.getpid(),
@@ -115,6 +124,15 @@ class UpscalerDeployment:
         """Forget counts and times (the benchmark measures each load level on its own)."""
         self.batch_sizes.clear()
         self.times.clear()
+
+
+class _Tile(NamedTuple):
+    """A tile's output, and the device call that made it."""
+
+    output: np.ndarray
+    call: tuple[float, int]  # the batch's start time and the call's place in it: one per call
+    bare_ms: float  # the network alone (CUDA events on the GPU)
+    device_ms: float  # the whole call on the device lane: copies and conversions too
 
 
 def _networks_denoise(model: str, denoise: float | None) -> float | None:
