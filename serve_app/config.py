@@ -109,9 +109,6 @@ class RuntimeConfig(_Strict):
     request_timeout_s: float = Field(default=120.0, gt=0)
     cpu_threads: int = Field(default=2, gt=0, description="Threads per CPU replica for decode, tiles, "
                              "paste-back and encode (OpenCV and numpy release the GIL).")
-    gil_switch_interval_ms: float = Field(default=5.0, gt=0, le=100, description="In the GPU replicas: "
-                                          "how long one Python thread may keep the GIL while another "
-                                          "waits for it (sys.setswitchinterval; 5 is Python's default).")
     gpu_memory_fraction: float | None = Field(
         default=None, gt=0, le=1, description="Cap on a GPU replica's share of its card's memory; "
         "default: its num_gpus, so replicas sharing a card cannot starve each other.")

@@ -25,7 +25,7 @@ from serve_app.deployments.batching import Deliver, DeviceBatcher, group_indices
 from serve_app.deployments.gpu import StepTimes, cap_gpu_memory, gpu_memory, gpu_waits, sleep_while_gpu_works
 from serve_app.deployments.heap import freeze_heap, keep_freed_memory
 from serve_app.deployments.models import EngineCache
-from serve_app.deployments.threads import Workers, set_gil_switch_interval
+from serve_app.deployments.threads import Workers
 from serve_app.engines.device import resolve_device
 from serve_app.engines.faces import FaceEngine, FoundFaces, load_face_engine
 from serve_app.errors import InvalidOption
@@ -42,7 +42,6 @@ class FaceDeployment:
         sleep_while_gpu_works()  # before PyTorch makes its CUDA context
         self.args, self.store = args, WeightsStore(args.weights)
         self.runtime = RuntimeConfig()
-        set_gil_switch_interval(self.runtime.gil_switch_interval_ms)
         self.engines = EngineCache(self._load)
         self.batch_sizes: dict[str, Counter[int]] = {"detect": Counter(), "restore": Counter()}
         self.times = StepTimes()
@@ -70,7 +69,6 @@ class FaceDeployment:
         reload = _engine_settings(runtime) != _engine_settings(self.runtime)
         self.runtime = runtime
         self.memory_fraction = cap_gpu_memory(self.device, runtime.gpu_memory_fraction)
-        set_gil_switch_interval(runtime.gil_switch_interval_ms)
         for batcher in (self.detections, self.faces):
             batcher.max_batch_size, batcher.wait_s = runtime.face_batch_size, runtime.face_batch_wait_s
         if reload:

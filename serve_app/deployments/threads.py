@@ -16,7 +16,6 @@ keeps answering health checks and queue probes and gathers the next batch.
 from __future__ import annotations
 
 import asyncio
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -49,10 +48,3 @@ def _own_cuda_stream() -> None:
     lane's stream only."""
     if torch.cuda.is_available():
         torch.cuda.set_stream(torch.cuda.Stream())
-
-
-def set_gil_switch_interval(ms: float) -> None:
-    """How long a thread of this process may keep the GIL once another waits for it. A device
-    lane coming back from the GPU, and the event loop taking its result, wait for the GIL
-    behind whatever Python another thread of the replica runs (Serve's own request handling)."""
-    sys.setswitchinterval(ms / 1e3)

@@ -23,7 +23,7 @@ from serve_app.deployments.gpu import (
 )
 from serve_app.deployments.heap import freeze_heap, keep_freed_memory
 from serve_app.deployments.models import EngineCache
-from serve_app.deployments.threads import Workers, set_gil_switch_interval
+from serve_app.deployments.threads import Workers
 from serve_app.engines.device import resolve_device
 from serve_app.engines.upscaler import Upscaler, load_upscaler
 from serve_app.errors import InvalidOption
@@ -39,7 +39,6 @@ class UpscalerDeployment:
         sleep_while_gpu_works()  # before PyTorch makes its CUDA context
         self.args, self.store = args, WeightsStore(args.weights)
         self.runtime = RuntimeConfig()
-        set_gil_switch_interval(self.runtime.gil_switch_interval_ms)
         self.engines = EngineCache(self._load)
         self.batch_sizes: Counter[int] = Counter()
         self.times = StepTimes()
@@ -61,7 +60,6 @@ class UpscalerDeployment:
             self.runtime.tile, self.runtime.precision, self.runtime.compile)
         self.runtime = runtime
         self.memory_fraction = cap_gpu_memory(self.device, runtime.gpu_memory_fraction)
-        set_gil_switch_interval(runtime.gil_switch_interval_ms)
         self.batcher.max_batch_size, self.batcher.wait_s = runtime.tile.batch_size, runtime.upscaler_batch_wait_s
         if reload:  # engines hold their tile shape, number format and compiled kernels
             self.engines.clear()
