@@ -1,9 +1,8 @@
-"""Which device and number format a network runs in, and how inputs reach it and results leave it."""
+"""Which device and number format a network runs in, and how results leave it."""
 from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 
 from serve_app.config import CompileMode, Precision
@@ -45,16 +44,3 @@ def page_locked_copy(x: torch.Tensor) -> torch.Tensor:
     pageable array of 8 x 1024 x 1024 outputs took 40 ms to receive on an H100 host)."""
     host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
     return host.copy_(x, non_blocking=True)
-
-
-def upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """``array`` as a tensor on ``device``. To CUDA it goes through page-locked host memory (from
-    PyTorch's caching host allocator, which keeps a block until its copy is done), so the copy
-    is one transfer queued on the current stream. From pageable memory CUDA first stages it
-    through a buffer of its own while the calling thread waits: a 256x256 8-bit tile took
-    0.24 ms of its device lane that way on an H200 host, a fifth of what the upscaler's batch of
-    one spent around its network."""
-    x = torch.from_numpy(array)
-    if device.type != "cuda":
-        return x.to(device)
-    return x.pin_memory().to(device, non_blocking=True)

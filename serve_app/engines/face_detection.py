@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from serve_app.engines.cuda_graphs import GraphsByShape
-from serve_app.engines.device import upload
 from serve_app.engines.no_cudnn import without_cudnn
 
 
@@ -52,7 +51,7 @@ class RetinaFaceDetector:
 
         net = self.network
         height, width = images[0].shape[:2]
-        batch = upload(np.stack(images), net.device)
+        batch = torch.from_numpy(np.stack(images)).to(net.device)
         locations, confidences, landmarks = self.outputs(batch)
         priors, variance = self._priors_for(height, width), net.cfg["variance"]
         scale = torch.tensor([width, height] * 5, dtype=torch.float32, device=net.device)

@@ -11,13 +11,13 @@ import numpy as np
 import torch
 
 from serve_app.engines import face_geometry as geo
-from serve_app.engines.device import page_locked_copy, upload
+from serve_app.engines.device import page_locked_copy
 
 
 def faces_to_device(faces: list[np.ndarray], device: torch.device) -> torch.Tensor:
     """BGR uint8 faces as one N x 512 x 512 x 3 tensor on ``device``: they cross as 8-bit, a
     quarter of the bytes of the network's input."""
-    return upload(np.stack(faces), device)
+    return torch.from_numpy(np.stack(faces)).to(device)
 
 
 def bgr8_to_network_input(faces: torch.Tensor) -> torch.Tensor:

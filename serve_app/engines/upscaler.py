@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from serve_app.config import TileConfig
-from serve_app.engines.device import page_locked_copy, upload
+from serve_app.engines.device import page_locked_copy
 from serve_app.engines.tiling import (
     TilePlan, cut_tiles, mod_pad, pad_right_bottom, plan_tiles, stitch, tile_side,
 )
@@ -206,7 +206,7 @@ class Upscaler:
         """``forward`` and the milliseconds the network alone took (CUDA events on the GPU), so a
         server can tell its own overhead from the bare forward."""
         eight_bit = batch.dtype == np.uint8
-        x = upload(batch, self.device)
+        x = torch.from_numpy(batch).to(self.device, non_blocking=True)
         if eight_bit:
             x = x.float().div_(255)  # as the CPU path: float32 first, then the network's dtype
         x = x.to(dtype=self.dtype, memory_format=self.memory_format)
