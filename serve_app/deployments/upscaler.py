@@ -77,15 +77,15 @@ class UpscalerDeployment:
         done: list[_Tile] = await asyncio.gather(*(self.batcher.submit((engine, x)) for x in tiles))
         calls = {tile.call: (tile.bare_ms, tile.device_ms) for tile in done}  # its device calls, each once
         first_start, now = min(started for started, _ in calls), time.perf_counter()
-        served, bare = (now - first_start) * 1e3, sum(bare for bare, _ in calls.values())
-        device = sum(device for _, device in calls.values())
+        served = (now - first_start) * 1e3
+        bare, call = (sum(ms) for ms in zip(*calls.values()))  # summed over its device calls
         self.times.add(queued=(first_start - entered) * 1e3,  # entry until its first batch started
                        served=served,  # its batches, from the first's start until it resumed
                        bare=bare,  # the network alone in those batches (CUDA events)
-                       copies=device - bare,  # the rest of those device calls: copies, conversions
+                       copies=call - bare,  # the rest of those device calls: copies, conversions
                        # the rest: hand-offs between the event loop and the device lane (and, in a
                        # batch of several models or tile shapes, the other groups' calls)
-                       hops=served - device,
+                       hops=served - call,
                        inside=(now - entered) * 1e3)  # queued + served, exactly
         if len(done) == 1:  # the usual small picture: its tile as it came, no copy
             return done[0].output[np.newaxis]
