@@ -226,7 +226,7 @@ def _served_rows(srv: dict) -> list[str]:
                         f"{times['served_over_bare']:.2f}x |")
     for loop, label in (("open_loop_at_70_percent", "Poisson"), ("open_loop_at_70_percent_even", "evenly spaced")):
         times = srv["upscale"].get(loop, {}).get("upscaler_replica", {}).get("times", {})
-        if "copies_ms_p50" in times:  # reports before 2026-11-29 run s lack the split
+        if "copies_ms_p50" in times:  # reports before 2026-11-29 run t lack the split
             rows.append(f"| upscaler replica: a request's batch time vs bare forward (70% of peak, {label}; "
                         f"p50 copies {times['copies_ms_p50']:.1f} ms, hand-offs {times['hops_ms_p50']:.1f} ms) "
                         f"| {times['served_ms_p50']:.1f} ms | {times['bare_ms_p50']:.1f} ms | "
