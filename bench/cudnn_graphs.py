@@ -16,7 +16,7 @@ buffer. Every graph's plans are all built and timed, and the fastest kept.
 
 Against it, at 8 tiles of 256x256 in fp16: the service's block (``SplitDenseBlock``, compiled,
 replayed as a CUDA graph) and each of its convolutions alone through PyTorch. The answer is in
-the README (Benchmarks).
+`bench/RESULTS.md`.
 """
 from __future__ import annotations
 

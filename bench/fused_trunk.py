@@ -19,7 +19,7 @@ pixels are computed, never written, and stay zero.
 
 The measurement compares, in CUDA graphs: this trunk, the whole network with it (the rest
 eager), and the service's compiled network, at batches of 1 to 8 tiles of 256x256, with PSNR
-against fp32. The answer is in the README (Benchmarks): no faster, so the service keeps cuDNN.
+against fp32. The answer is in `bench/RESULTS.md`: no faster, so the service keeps cuDNN.
 """
 from __future__ import annotations
 

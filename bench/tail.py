@@ -1,4 +1,4 @@
-"""Where the served paths' p99 under load comes from: the measurements behind the README.
+"""Where the served paths' p99 under load comes from: the measurements behind `bench/RESULTS.md`.
 
     python -m bench.tail queue [--rate 66.6] [--fixed-ms 4.9] [--tile-ms 9.0] [--unloaded-ms 59]
                                [--arrivals poisson|even]
