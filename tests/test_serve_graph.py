@@ -268,6 +268,25 @@ def test_errors_are_typed_json(client, small_photo, params, content, status, cod
     assert r.json()["detail"] and r.headers["x-request-id"]
 
 
+def test_a_model_not_offered_is_refused_before_any_face_is_looked_for(client, small_photo):
+    faces = serve.get_deployment_handle("FaceDeployment", "restore")
+
+    def pictures_detected() -> int:
+        return sum(faces.stats.remote().result()["batch_sizes"]["detect"].values())
+
+    before = pictures_detected()
+    # RealESRGAN_x2plus is a model of the registry that this deployment does not offer.
+    bad = client.post("/v1/restore", params={"model": "RealESRGAN_x2plus", "face_enhance": "true"},
+                      content=_png(small_photo))
+    assert (bad.status_code, bad.json()["error"]) == (400, "invalid_option") and "x2plus" in bad.text
+    # A good request after it: the face replica takes pictures in order, so a picture sent for
+    # the bad one would have been detected by the time this one is answered.
+    good = client.post("/v1/restore", params={"model": "none", "face_enhance": "true", "only_center_face": "true"},
+                       content=_png(small_photo))  # one face: each takes seconds on a CPU
+    assert good.status_code == 200, good.text
+    assert pictures_detected() == before + 1
+
+
 def test_models_and_unknown_routes(client):
     models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
     assert models["realesr-animevideov3"]["present"] and models["realesr-animevideov3"]["offered"]

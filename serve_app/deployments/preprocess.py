@@ -93,6 +93,7 @@ class PreprocessDeployment:
         if out_pixels > self.runtime.limits.max_output_pixels:
             raise TooManyPixels(f"the result would be {out_pixels} pixels; the limit is "
                                 f"{self.runtime.limits.max_output_pixels}")
+        self._check_models(options)  # before any work is sent to a GPU replica
         with _timed(timings, "restore"):
             if options.face_enhance:
                 out, faces = await self._faces(pixels, options, timings)
@@ -102,11 +103,16 @@ class PreprocessDeployment:
                 out, faces = await self._upscale(pixels, options, options.scale, timings), 0
         return Restored(out, out.shape[1], out.shape[0], mode_of(out), faces, timings)
 
+    def _check_models(self, options: RestoreOptions) -> None:
+        if options.upscaler is not None and options.upscaler not in self.args.upscalers:
+            raise InvalidOption(f"model must be one of {', '.join(self.args.upscalers)} or none, "
+                                f"not {options.upscaler!r}")
+        if options.face_enhance and options.face_model not in self.args.face_models:
+            raise InvalidOption(f"face_model must be one of {', '.join(self.args.face_models)}")
+
     async def _upscale(self, pixels: np.ndarray, options: RestoreOptions, outscale: float | None,
                        timings: dict) -> np.ndarray:
         model = options.upscaler
-        if model not in self.args.upscalers:  # before the tiles are cut
-            raise InvalidOption(f"model must be one of {', '.join(self.args.upscalers)} or none, not {model!r}")
         planner = TilePlanner(get_spec(model).scale, self.runtime.tile)
         with _timed(timings, "tiles"):
             job = await self.workers.cpu(planner.prepare, pixels, outscale=outscale,
@@ -116,8 +122,6 @@ class PreprocessDeployment:
             return await self.workers.cpu(planner.finish, job, list(outputs))
 
     async def _faces(self, pixels: np.ndarray, options: RestoreOptions, timings: dict) -> tuple[np.ndarray, int]:
-        if options.face_model not in self.args.face_models:
-            raise InvalidOption(f"face_model must be one of {', '.join(self.args.face_models)}")
         upscale = options.output_scale
         work = await self.workers.cpu(to_bgr8, pixels)
         faces = self.faces.restore.remote(work, options.face_model, options.face_strength,
