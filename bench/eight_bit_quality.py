@@ -29,8 +29,9 @@ from skimage import data
 from torch import nn
 
 from bench.common import experiment_main, psnr, weights_in_use
-from serve_app.config import WeightsConfig
+from serve_app.config import TileConfig, WeightsConfig
 from serve_app.engines.networks import load_network
+from serve_app.engines.upscaler import Upscaler
 from serve_app.weights import WeightsStore, get_spec
 
 MODEL = "RealESRGAN_x4plus"
@@ -83,11 +84,10 @@ def emulated(network: nn.Module, eight_bit: set[str], rounding=e4m3) -> nn.Modul
 
 
 def upscale(network: nn.Module, bgr: np.ndarray) -> np.ndarray:
-    """As the engine does it: RGB in [0, 1] through the network, clamped, rounded to 8 bits."""
-    x = torch.from_numpy(np.ascontiguousarray(bgr[..., ::-1])).permute(2, 0, 1)[None].float() / 255
-    with torch.inference_mode():
-        y = network(x)[0].clamp(0, 1).permute(1, 2, 0).numpy()
-    return np.ascontiguousarray((y * 255).round().astype(np.uint8)[..., ::-1])
+    """``bgr`` through ``network`` as the service's engine runs a picture, whole, on the CPU."""
+    engine = Upscaler(network, get_spec(MODEL).scale, device=torch.device("cpu"), dtype=torch.float32,
+                      tile=TileConfig(size=0))
+    return engine.upscale([bgr])[0]
 
 
 def measure() -> dict:
