@@ -50,10 +50,6 @@ class TooManyPixels(RestoreError):
     status, code = 413, "too_many_pixels"
 
 
-class TooManyFaces(RestoreError):
-    status, code = 413, "too_many_faces"
-
-
 class WeightsUnavailable(RestoreError):
     """A model's weights are neither on disk nor downloadable."""
 
