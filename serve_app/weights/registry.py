@@ -155,7 +155,3 @@ def get_spec(name: str) -> ModelSpec:
         return MODELS[name]
     except KeyError:
         raise InvalidOption(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
-
-
-def specs_of_kind(kind: Kind) -> list[ModelSpec]:
-    return [spec for spec in MODELS.values() if spec.kind == kind]
