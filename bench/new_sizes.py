@@ -1,18 +1,20 @@
 """An experiment: face requests whose picture size the service has not seen, served end to end.
 
-    python -m bench.new_sizes [--out FILE.json] [--sizes 8]      # meant for CUDA; prints JSON
+    python -m bench.new_sizes [--out FILE.json] [--sizes 8] [--compile off|auto]
+                              [--variants shipped cudnn_always]      # meant for CUDA; prints JSON
 
 Question: what does a new picture size cost a whole face request over HTTP, with a shape's
 first detector pass skipping cuDNN (the shipped settings) and without (the detector before)?
 ``bench.detector_shapes`` times the detector alone; this times what a user waits for.
 
-Deploys serve_config.yaml as the served benchmark does, with ``compile: off`` so that it
-starts in seconds (the detector then keeps no CUDA graphs: a shape's later passes all go
-through cuDNN). Requests go one at a time, each photo three times: its first, second and
-third sight. Two variants on one deployment, changed through ``user_config``: ``shipped``,
-and ``cudnn_always`` (``face_detect_batch_pixels: 1``: no pass is small enough to skip cuDNN,
-and each picture is a pass of its own). Each variant gets sizes of its own, since cuDNN's plans
-last as long as the process.
+Deploys serve_config.yaml as the served benchmark does, by default with ``compile: off`` so
+that it starts in seconds (the detector then keeps no CUDA graphs: a shape's later passes all
+go through cuDNN); ``--compile auto`` runs it as shipped, graphs and all. Requests go one at a
+time, each photo three times: its first, second and third sight. Two variants on one
+deployment, changed through ``user_config`` (which reloads the face engines), in the order
+``--variants`` gives: ``shipped``, and ``cudnn_always`` (``face_detect_batch_pixels: 1``: no
+pass is small enough to skip cuDNN, and each picture is a pass of its own). Each variant gets
+sizes of its own, since cuDNN's plans last as long as the process.
 """
 from __future__ import annotations
 
@@ -34,15 +36,17 @@ VARIANTS = {"shipped": {}, "cudnn_always": {"face_detect_batch_pixels": 1}}
 SIGHTS = ("first", "second", "third")
 
 
-def measure(cache: Path, sizes: int) -> dict:
+def measure(cache: Path, sizes: int, compile_mode: str, variants: list[str]) -> dict:
     folder = Path(tempfile.mkdtemp())
     weights = weights_in_use(folder, cache, ["RealESRGAN_x4plus", "GFPGANv1.4", "retinaface_resnet50", "parsenet"])
     served.start_ray()
-    config = served.bench_config(folder, cache, tile=256, batch=8, compile_mode="off")
+    config = served.bench_config(folder, cache, tile=256, batch=8, compile_mode=compile_mode)
     report: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                    "cpus": os.cpu_count(), "weights": weights, "variants": {}}
+                    "cpus": os.cpu_count(), "weights": weights, "compile": compile_mode, "order": variants,
+                    "variants": {}}
     _, params = served.path_request("faces")
-    for k, (name, changes) in enumerate(VARIANTS.items()):
+    for k, name in enumerate(variants):
+        changes = VARIANTS[name]
         served.deploy_changed(config, changes, folder)
         freeze_heap()  # the load generator's too: a full collection would count as latency
         asyncio.run(_sights(png(photo()), params))  # warm-up: the 512x512 photo
@@ -72,9 +76,12 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, default=8, help="new picture sizes per variant")
     parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "rs-cache",
                         help="weights and compiled kernels")
+    parser.add_argument("--compile", default="off", choices=["off", "auto"], help="the engines' compile setting")
+    parser.add_argument("--variants", nargs=2, default=list(VARIANTS), choices=list(VARIANTS),
+                        help="the two variants, in the order they run")
     parser.add_argument("--out", type=Path, help="where to write the JSON report too")
     args = parser.parse_args()
-    report = json.dumps(measure(args.cache_dir, args.sizes), indent=2)
+    report = json.dumps(measure(args.cache_dir, args.sizes, args.compile, args.variants), indent=2)
     print(report)
     if args.out:
         args.out.write_text(report)
