@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serve_app.errors import InvalidOption
+
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 CompileMode = Literal["auto", "on", "off"]
 
@@ -125,3 +127,10 @@ class AppArgs(_Strict):
     upscalers: list[str] = Field(default_factory=lambda: ["RealESRGAN_x4plus"],
                                  description="Real-ESRGAN models the service offers.")
     face_models: list[str] = Field(default_factory=lambda: ["GFPGANv1.4"])
+
+    def check_offered(self, *, upscaler: str | None = None, face_model: str | None = None) -> None:
+        """Refuse (InvalidOption) an upscaler or face model that this service does not offer."""
+        if upscaler is not None and upscaler not in self.upscalers:
+            raise InvalidOption(f"model must be one of {', '.join(self.upscalers)} or none, not {upscaler!r}")
+        if face_model is not None and face_model not in self.face_models:
+            raise InvalidOption(f"face_model must be one of {', '.join(self.face_models)}, not {face_model!r}")

@@ -81,8 +81,7 @@ class FaceDeployment:
                       ) -> tuple[FoundFaces, list[np.ndarray], list[np.ndarray]]:
         """An 8-bit BGR picture -> where its faces are (the affines that cut them out, and how many
         were found), their restored versions and their paste masks."""
-        if face_model not in self.args.face_models:
-            raise InvalidOption(f"face_model must be one of {', '.join(self.args.face_models)}")
+        self.args.check_offered(face_model=face_model)
         if not 0.0 <= strength <= 1.0:  # here, before it can fail a batch shared with others
             raise InvalidOption(f"face_strength must be in [0, 1], not {strength}")
         entered = time.perf_counter()

@@ -93,7 +93,8 @@ class PreprocessDeployment:
         if out_pixels > self.runtime.limits.max_output_pixels:
             raise TooManyPixels(f"the result would be {out_pixels} pixels; the limit is "
                                 f"{self.runtime.limits.max_output_pixels}")
-        self._check_models(options)  # before any work is sent to a GPU replica
+        self.args.check_offered(upscaler=options.upscaler,  # before any work goes to a GPU replica
+                                face_model=options.face_model if options.face_enhance else None)
         with _timed(timings, "restore"):
             if options.face_enhance:
                 out, faces = await self._faces(pixels, options, timings)
@@ -102,13 +103,6 @@ class PreprocessDeployment:
             else:
                 out, faces = await self._upscale(pixels, options, options.scale, timings), 0
         return Restored(out, out.shape[1], out.shape[0], mode_of(out), faces, timings)
-
-    def _check_models(self, options: RestoreOptions) -> None:
-        if options.upscaler is not None and options.upscaler not in self.args.upscalers:
-            raise InvalidOption(f"model must be one of {', '.join(self.args.upscalers)} or none, "
-                                f"not {options.upscaler!r}")
-        if options.face_enhance and options.face_model not in self.args.face_models:
-            raise InvalidOption(f"face_model must be one of {', '.join(self.args.face_models)}")
 
     async def _upscale(self, pixels: np.ndarray, options: RestoreOptions, outscale: float | None,
                        timings: dict) -> np.ndarray:

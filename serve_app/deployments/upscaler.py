@@ -26,7 +26,6 @@ from serve_app.deployments.models import EngineCache
 from serve_app.deployments.threads import Workers
 from serve_app.engines.device import resolve_device
 from serve_app.engines.upscaler import Upscaler, load_upscaler
-from serve_app.errors import InvalidOption
 from serve_app.weights import WeightsStore, get_spec
 
 log = logging.getLogger("ray.serve")
@@ -71,8 +70,7 @@ class UpscalerDeployment:
     async def forward(self, model: str, denoise: float | None, tiles: np.ndarray) -> np.ndarray:
         """N x 3 x h x w network inputs of one request -> its N outputs (see ``Upscaler.forward``)."""
         entered = time.perf_counter()
-        if model not in self.args.upscalers:
-            raise InvalidOption(f"model must be one of {', '.join(self.args.upscalers)} or none, not {model!r}")
+        self.args.check_offered(upscaler=model)
         engine = self.engines.get(model, _networks_denoise(model, denoise))
         done: list[_Tile] = await asyncio.gather(*(self.batcher.submit((engine, x)) for x in tiles))
         calls = {tile.call: (tile.bare_ms, tile.device_ms) for tile in done}  # its device calls, each once
