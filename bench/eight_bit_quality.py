@@ -64,7 +64,6 @@ def per_channel(rounding):
     return lambda weight: rounding(weight, weight.abs().amax(dim=(1, 2, 3), keepdim=True))
 
 
-per_tensor_e4m3, per_channel_e4m3 = per_tensor(e4m3), per_channel(e4m3)
 EIGHT_BITS = {"e4m3": e4m3, "int8": int8}
 
 

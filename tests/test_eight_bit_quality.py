@@ -3,12 +3,12 @@ import torch
 from basicsr.archs.rrdbnet_arch import RRDBNet
 from torch import nn
 
-from bench.eight_bit_quality import E4M3_MAX, emulated, int8, per_channel_e4m3, per_tensor, per_tensor_e4m3
+from bench.eight_bit_quality import E4M3_MAX, e4m3, emulated, int8, per_channel, per_tensor
 
 
 def test_a_tensor_in_e4m3_keeps_its_largest_value_and_three_bits_of_the_rest():
     x = torch.randn(4096) * 3
-    rounded = per_tensor_e4m3(x)
+    rounded = per_tensor(e4m3)(x)
     assert torch.isclose(rounded.abs().max(), x.abs().max(), rtol=1e-6)
     scale = x.abs().max() / E4M3_MAX
     normal = (x / scale).abs() >= 2.0 ** -6  # e4m3's smallest normal number
@@ -29,7 +29,7 @@ def test_a_tensor_in_int8_lies_on_a_grid_of_255_steps_ending_at_its_largest_valu
 
 def test_weights_get_a_scale_per_output_channel():
     weight = torch.randn(4, 3, 3, 3) * torch.tensor([1e-3, 1.0, 10.0, 100.0]).view(4, 1, 1, 1)
-    rounded = per_channel_e4m3(weight)
+    rounded = per_channel(e4m3)(weight)
     for channel in range(4):
         assert torch.isclose(rounded[channel].abs().max(), weight[channel].abs().max(), rtol=1e-6)
 
@@ -44,7 +44,8 @@ def test_the_emulated_copy_rounds_the_named_convolutions_and_leaves_the_network_
     assert all(torch.equal(before[k], v) for k, v in network.state_dict().items())
     for name, conv in copied.named_modules():
         if name in convs:
-            rounded = per_channel_e4m3(convs[name].weight) if name in trunk else convs[name].weight.half().float()
+            original = convs[name].weight
+            rounded = per_channel(e4m3)(original) if name in trunk else original.half().float()
             assert torch.equal(conv.weight, rounded), name
     x = torch.rand(1, 3, 12, 12)
     with torch.inference_mode():
