@@ -25,8 +25,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-from bench.common import experiment_main
-from bench.fused_trunk import graph_ms
+from bench.common import experiment_main, graph_ms
 
 BATCH, SIZE, FEAT, GROW = 8, 256, 64, 32
 BLOCKS_IN_X4PLUS = 23 * 3

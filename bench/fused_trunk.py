@@ -28,7 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -141,46 +140,8 @@ TUNINGS = [(128, 64, 4, 4, ""), (128, 64, 4, 4, ".ca"), (128, 64, 4, 3, ""), (12
            (64, 64, 4, 4, ""), (128, 64, 8, 4, ""), (256, 64, 8, 4, "")]
 
 
-def graph_ms(fn, x: torch.Tensor, repeats: int = 20) -> float:
-    """GPU milliseconds of one replay of ``fn(x)`` captured as a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.inference_mode():
-        for _ in range(3):  # Triton's compiles and cuDNN's choices happen here, not in the capture
-            fn(x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.inference_mode(), torch.cuda.graph(graph):
-        fn(x)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
-
-
-def _replay_ms(call, x: torch.Tensor, repeats: int = 20) -> float:
-    """GPU milliseconds of one call of ``call``, a graph already captured."""
-    call(x)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        call(x)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
-
-
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = ((a.float().clamp(0, 1) - b.float().clamp(0, 1)) ** 2).mean().item()
-    return float(10 * np.log10(1.0 / max(mse, 1e-20)))
-
-
 def measure() -> dict:
-    from bench.common import weights_in_use
+    from bench.common import graph_ms, replay_ms, tensor_psnr, weights_in_use
     from serve_app.config import EngineConfig, TileConfig, WeightsConfig
     from serve_app.engines.networks import load_network
     from serve_app.engines.upscaler import load_upscaler
@@ -199,8 +160,8 @@ def measure() -> dict:
               "weights": weights}
     with torch.inference_mode():
         fp32 = load_network(spec, store, cuda)(tiles[:2])
-        report["psnr_vs_fp32_db"] = {"fused_fp16": _psnr(fused(half[:2]), fp32),
-                                     "cudnn_fp16_eager": _psnr(plain(half[:2]), fp32)}
+        report["psnr_vs_fp32_db"] = {"fused_fp16": tensor_psnr(fused(half[:2]), fp32),
+                                     "cudnn_fp16_eager": tensor_psnr(plain(half[:2]), fp32)}
     features = torch.randn(8, 64, 256, 256, device=cuda, dtype=torch.half).contiguous(
         memory_format=torch.channels_last)
     tried, names = {}, ("block_m", "block_k", "num_warps", "num_stages", "cache")
@@ -216,9 +177,9 @@ def measure() -> dict:
                            tile=TileConfig(size=256, batch_size=8)))
     report["compile_s"] = time.perf_counter() - started
     # The service's network: dense blocks split, compiled, one CUDA graph per batch size.
-    report["compiled_network_ms"] = {b: _replay_ms(engine.run._graphs[b], half[:b]) for b in (1, 2, 4, 8)}
+    report["compiled_network_ms"] = {b: replay_ms(engine.run._graphs[b], half[:b]) for b in (1, 2, 4, 8)}
     with torch.inference_mode():
-        report["psnr_vs_fp32_db"]["compiled_fp16"] = _psnr(engine.run(half[:2]), fp32)
+        report["psnr_vs_fp32_db"]["compiled_fp16"] = tensor_psnr(engine.run(half[:2]), fp32)
     report["tflop_per_tile"] = 2.35  # RRDBNet x4plus at 256x256 (torch.utils.flop_counter)
     return report
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bench.fused_trunk import _psnr, _replay_ms, graph_ms
+from bench.common import graph_ms, replay_ms, tensor_psnr
 
 BATCHES = (1, 2, 4, 8)
 
@@ -125,7 +125,7 @@ def _service_graphs(network: nn.Module, tiles: torch.Tensor, folder: Path):
     compiled = CompiledNetwork(network, size=tiles.shape[-1], max_batch=len(tiles), device=tiles.device,
                                dtype=tiles.dtype, memory_format=torch.channels_last,
                                artifacts=folder / f"{id(network)}.bin")
-    return compiled, {b: _replay_ms(compiled._graphs[b], tiles[:b]) for b in BATCHES}
+    return compiled, {b: replay_ms(compiled._graphs[b], tiles[:b]) for b in BATCHES}
 
 
 def _tail_ms(tail: nn.Module, features: torch.Tensor) -> dict[int, float]:
@@ -160,7 +160,7 @@ def measure() -> dict:
     for name, network in (("shipped", shipped), ("small_grid", small_grid)):
         compiled, report["network_ms"][name] = _service_graphs(network, half, folder)
         with torch.inference_mode():
-            report["psnr_vs_fp32_db"][name] = _psnr(compiled(half[:2]).clone(), fp32)
+            report["psnr_vs_fp32_db"][name] = tensor_psnr(compiled(half[:2]).clone(), fp32)
         report["tail_ms"][name] = _tail_ms(Tail(shipped, small_grid=name == "small_grid"), features)
     return report
 
