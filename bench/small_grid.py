@@ -129,10 +129,10 @@ def _service_graphs(network: nn.Module, tiles: torch.Tensor, folder: Path):
 
 
 def _tail_ms(tail: nn.Module, features: torch.Tensor) -> dict[int, float]:
-    from serve_app.engines.compiled import _cudnn_benchmark
+    from serve_app.engines.compiled import cudnn_benchmark
 
     compiled = torch.compile(tail.to(memory_format=torch.channels_last))
-    with _cudnn_benchmark():
+    with cudnn_benchmark():
         return {b: graph_ms(compiled, features[:b]) for b in BATCHES}
 
 

@@ -63,7 +63,7 @@ class CompiledNetwork:
             pool = torch.cuda.graph_pool_handle()  # safe to share: replays never overlap (see CapturedCall)
             # One warm-up stream for all: the caching allocator keeps each stream's blocks apart.
             warm_up = torch.cuda.Stream(device)
-            with _cudnn_benchmark():
+            with cudnn_benchmark():
                 for batch in range(max_batch, 0, -1):  # largest first: smaller graphs reuse its blocks
                     example = _zeros(batch, size, device, dtype, memory_format)
                     self._graphs[batch] = CapturedCall(self._compiled, example, pool, warm_up)
@@ -103,7 +103,7 @@ class CompiledNetwork:
         os.replace(tmp, self.artifacts)  # whole or not at all, as the weights
 
 
-def _cudnn_benchmark():
+def cudnn_benchmark():
     """cuDNN times its convolution algorithms and keeps the fastest, for the graphs' warm-ups and
     captures only: a graph keeps the choice for good, while eager calls of other shapes would pay
     a benchmark (and its workspace) per new shape. On an H100 it took x4plus's batch of one from
