@@ -1,9 +1,12 @@
-"""What the benchmark sections share: timing, the test photo, PSNR, and which weights are real."""
+"""What the benchmark sections share: timing, the test photo, PSNR, which weights are real, and
+what the x4plus tile experiments start from."""
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -13,7 +16,8 @@ import torch
 from skimage import data
 
 from serve_app.config import WeightsConfig
-from serve_app.engines.networks import build_network
+from serve_app.engines.dense_blocks import split_dense_blocks
+from serve_app.engines.networks import build_network, load_network
 from serve_app.weights import WeightsStore, get_spec
 
 # The astronaut photo's one face as RetinaFace reports it (box, score, five landmarks), used where
@@ -133,6 +137,36 @@ def tensor_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of two pictures held as tensors in [0, 1] (values outside are clipped)."""
     mse = ((a.float().clamp(0, 1) - b.float().clamp(0, 1)) ** 2).mean().item()
     return float(10 * np.log10(1.0 / max(mse, 1e-20)))
+
+
+@dataclass
+class TileBench:
+    """What the x4plus tile experiments start from, on CUDA."""
+
+    store: WeightsStore
+    weights: dict[str, str]  # which weights the network runs with (``weights_in_use``)
+    shipped: torch.nn.Module  # the service's fp16 network: dense blocks split, channels last
+    tiles: torch.Tensor  # 8 tiles of 256x256, fp32 in [0, 1]
+    half: torch.Tensor  # the same tiles as the network takes them: fp16, channels last
+    features: torch.Tensor  # 8 x 64 x 256 x 256 random fp16 maps, channels last: a trunk's input
+
+    def fp32_outputs(self, count: int = 2) -> torch.Tensor:
+        """The first ``count`` tiles through the fp32 network as basicsr builds it: the PSNR reference."""
+        with torch.inference_mode():
+            return load_network(get_spec("RealESRGAN_x4plus"), self.store, self.tiles.device)(self.tiles[:count])
+
+
+def x4plus_tile_bench() -> TileBench:
+    folder = Path(tempfile.mkdtemp())
+    weights = weights_in_use(folder, folder / "cache", ["RealESRGAN_x4plus"])
+    store = WeightsStore(WeightsConfig(folder=folder, cache_dir=folder / "cache", download=False))
+    cuda = torch.device("cuda")
+    shipped = split_dense_blocks(load_network(get_spec("RealESRGAN_x4plus"), store, cuda, torch.half))
+    tiles = torch.rand(8, 3, 256, 256, device=cuda, generator=torch.Generator(cuda).manual_seed(0))
+    features = torch.randn(8, 64, 256, 256, device=cuda, dtype=torch.half)
+    return TileBench(store, weights, shipped.to(memory_format=torch.channels_last), tiles,
+                     tiles.half().contiguous(memory_format=torch.channels_last),
+                     features.contiguous(memory_format=torch.channels_last))
 
 
 def percentiles(ms: list[float]) -> dict:

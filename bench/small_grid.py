@@ -137,33 +137,19 @@ def _tail_ms(tail: nn.Module, features: torch.Tensor) -> dict[int, float]:
 
 
 def measure() -> dict:
-    from bench.common import weights_in_use
-    from serve_app.config import WeightsConfig
-    from serve_app.engines.dense_blocks import split_dense_blocks
-    from serve_app.engines.networks import load_network
-    from serve_app.weights import WeightsStore, get_spec
+    from bench.common import x4plus_tile_bench
 
-    folder = Path(tempfile.mkdtemp())
-    weights = weights_in_use(folder, folder / "cache", ["RealESRGAN_x4plus"])
-    store = WeightsStore(WeightsConfig(folder=folder, cache_dir=folder / "cache", download=False))
-    spec, cuda = get_spec("RealESRGAN_x4plus"), torch.device("cuda")
-    shipped = split_dense_blocks(load_network(spec, store, cuda, torch.half)).to(memory_format=torch.channels_last)
-    small_grid = SmallGridRRDBNet(copy.deepcopy(shipped)).to(memory_format=torch.channels_last)
-    tiles = torch.rand(8, 3, 256, 256, device=cuda, generator=torch.Generator(cuda).manual_seed(0))
-    half = tiles.half().contiguous(memory_format=torch.channels_last)
-    features = torch.randn(8, 64, 256, 256, device=cuda, dtype=torch.half).contiguous(
-        memory_format=torch.channels_last)
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "weights": weights,
+    bench = x4plus_tile_bench()
+    small_grid = SmallGridRRDBNet(copy.deepcopy(bench.shipped)).to(memory_format=torch.channels_last)
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "weights": bench.weights,
               "network_ms": {}, "tail_ms": {}, "psnr_vs_fp32_db": {}}
-    with torch.inference_mode():
-        fp32 = load_network(spec, store, cuda)(tiles[:2])
-    for name, network in (("shipped", shipped), ("small_grid", small_grid)):
-        compiled, report["network_ms"][name] = _service_graphs(network, half, folder)
+    fp32, folder = bench.fp32_outputs(), Path(tempfile.mkdtemp())
+    for name, network in (("shipped", bench.shipped), ("small_grid", small_grid)):
+        compiled, report["network_ms"][name] = _service_graphs(network, bench.half, folder)
         with torch.inference_mode():
-            report["psnr_vs_fp32_db"][name] = tensor_psnr(compiled(half[:2]).clone(), fp32)
-        report["tail_ms"][name] = _tail_ms(Tail(shipped, small_grid=name == "small_grid"), features)
+            report["psnr_vs_fp32_db"][name] = tensor_psnr(compiled(bench.half[:2]).clone(), fp32)
+        report["tail_ms"][name] = _tail_ms(Tail(bench.shipped, small_grid=name == "small_grid"), bench.features)
     return report
-
 
 if __name__ == "__main__":
     from bench.common import experiment_main

@@ -23,18 +23,15 @@ whole networks with each, with PSNR against fp32. The answer is in `bench/RESULT
 from __future__ import annotations
 
 import copy
-import tempfile
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-try:
-    import triton
+from bench.triton_conv import conv3x3_products, interior, triton
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # a CPU-only install
-    triton = None
 
 FEAT, GROW = 64, 32
 _SUMS_AT = FEAT + 4 * GROW  # where the running sums start in a block's buffer
@@ -55,20 +52,9 @@ if triton is not None:
         any, goes to NEXT_AT."""
         p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        steps: tl.constexpr = CIN // BLOCK_K
-        for t in range(9 * steps):
-            dy, c, dx = t // (3 * steps), (t // 3) % steps * BLOCK_K, t % 3
-            q = p + (dy - 1) * width + (dx - 1)
-            inside = (q >= 0) & (q < total)
-            a = tl.load(buf + q[:, None] * C + SRC_AT + (c + k)[None, :], mask=inside[:, None], other=0.0)
-            b = tl.load(w + ((dy * 3 + dx) * CIN + c + k)[:, None] * NPAD + n[None, :])
-            acc = tl.dot(a, b, acc)
-        row, col = (p % plane) // width, p % width
-        interior = (p < total) & (row >= 1) & (row <= height) & (col >= 1) & (col < width - 1)
+        acc = conv3x3_products(buf, w, p, n, total, width, C, SRC_AT, CIN, NPAD, BLOCK_M, BLOCK_N, BLOCK_K, "")
         here = p[:, None] * C + n[None, :]
-        valid = interior[:, None] & (n < NOUT)[None, :]
+        valid = interior(p, total, width, plane, height)[:, None] & (n < NOUT)[None, :]
         if MODE == 0:  # the block's input: every convolution's bias, added once
             acc += tl.load(bias + n, mask=n < NOUT, other=0.0).to(tl.float32)[None, :]
         else:
@@ -139,29 +125,19 @@ TUNINGS = [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 3), (
 
 
 def measure() -> dict:
-    from bench.common import graph_ms, replay_ms, tensor_psnr, weights_in_use
-    from serve_app.config import EngineConfig, TileConfig, WeightsConfig
+    from bench.common import graph_ms, replay_ms, tensor_psnr, x4plus_tile_bench
+    from serve_app.config import EngineConfig, TileConfig
     from serve_app.engines.compiled import cudnn_benchmark
-    from serve_app.engines.dense_blocks import split_dense_blocks
-    from serve_app.engines.networks import load_network
     from serve_app.engines.upscaler import load_upscaler
-    from serve_app.weights import WeightsStore, get_spec
 
-    folder = Path(tempfile.mkdtemp())
-    weights = weights_in_use(folder, folder / "cache", ["RealESRGAN_x4plus"])
-    store = WeightsStore(WeightsConfig(folder=folder, cache_dir=folder / "cache", download=False))
-    spec, cuda = get_spec("RealESRGAN_x4plus"), torch.device("cuda")
-    shipped = split_dense_blocks(load_network(spec, store, cuda, torch.half)).to(memory_format=torch.channels_last)
+    bench = x4plus_tile_bench()
+    shipped, half, features = bench.shipped, bench.half, bench.features
     ours = copy.deepcopy(shipped)
     ours.body = SplitTrunk(shipped.body)
-    tiles = torch.rand(8, 3, 256, 256, device=cuda, generator=torch.Generator(cuda).manual_seed(0))
-    half = tiles.half().contiguous(memory_format=torch.channels_last)
-    features = torch.randn(8, 64, 256, 256, device=cuda, dtype=torch.half).contiguous(
-        memory_format=torch.channels_last)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "weights": weights}
+              "weights": bench.weights}
+    fp32 = bench.fp32_outputs()
     with torch.inference_mode():
-        fp32 = load_network(spec, store, cuda)(tiles[:2])
         report["psnr_vs_fp32_db"] = {"split_trunk_fp16": tensor_psnr(ours(half[:2]), fp32)}
         report["trunk_max_abs_diff_vs_cudnn"] = float((ours.body(features[:2]).float()
                                                        - shipped.body(features[:2]).float()).abs().max())
@@ -177,13 +153,12 @@ def measure() -> dict:
     report["split_trunk_network_ms"] = {b: graph_ms(ours, half[:b]) for b in (1, 8)}
     with cudnn_benchmark():
         report["service_trunk_ms"] = {b: graph_ms(torch.compile(shipped.body), features[:b]) for b in (1, 8)}
-    engine = load_upscaler("RealESRGAN_x4plus", store, EngineConfig(device="cuda", compile="on",
+    engine = load_upscaler("RealESRGAN_x4plus", bench.store, EngineConfig(device="cuda", compile="on",
                            tile=TileConfig(size=256, batch_size=8)))
     report["service_network_ms"] = {b: replay_ms(engine.run._graphs[b], half[:b]) for b in (1, 8)}
     with torch.inference_mode():
         report["psnr_vs_fp32_db"]["service_fp16"] = tensor_psnr(engine.run(half[:2]), fp32)
     return report
-
 
 if __name__ == "__main__":
     from bench.common import experiment_main

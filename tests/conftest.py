@@ -3,6 +3,10 @@ releases are and read back through our own weights store; real photos from sciki
 from __future__ import annotations
 
 import ctypes
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -82,3 +86,14 @@ def has_cuda_driver() -> bool:
     except OSError:
         return False
     return True
+
+
+def in_triton_interpreter(code: str) -> str:
+    """What ``code`` prints, run with Triton's interpreter so that Triton kernels run on the CPU.
+    The interpreter is chosen when kernels are defined, so ``code`` runs in a process of its own."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout

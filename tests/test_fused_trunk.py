@@ -1,11 +1,6 @@
 """The fused-trunk experiment (bench/fused_trunk.py) computes RRDBNet's trunk: its Triton
 kernels, run by Triton's interpreter on the CPU, against basicsr's own blocks."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import in_triton_interpreter
 
 CHECK = """
 import serve_app._compat
@@ -24,11 +19,6 @@ print(float((got - expected).abs().max()), float(expected.abs().max()))
 
 
 def test_fused_trunk_matches_basicsrs_blocks_in_tritons_interpreter():
-    # The interpreter is chosen when the kernels are defined, so it runs in a process of its own.
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", CHECK], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    diff, scale = map(float, done.stdout.split())
+    diff, scale = map(float, in_triton_interpreter(CHECK).split())
     assert scale > 1.0  # the blocks did work: not a zero map
     assert diff < 1e-5 * scale

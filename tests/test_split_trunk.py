@@ -1,11 +1,6 @@
 """The split-trunk experiment (bench/split_trunk.py) computes RRDBNet's trunk: its Triton kernels,
 run by Triton's interpreter on the CPU, against the service's split dense blocks."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import in_triton_interpreter
 
 CHECK = """
 import serve_app._compat
@@ -27,11 +22,6 @@ print(float((got - expected).abs().max()), float(expected.abs().max()))
 
 
 def test_split_trunk_matches_the_split_blocks_in_tritons_interpreter():
-    # The interpreter is chosen when the kernels are defined, so it runs in a process of its own.
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", CHECK], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    diff, scale = map(float, done.stdout.split())
+    diff, scale = map(float, in_triton_interpreter(CHECK).split())
     assert scale > 1.0  # the blocks did work: not a zero map
     assert diff < 1e-5 * scale
