@@ -1,7 +1,8 @@
 """An experiment: CUTLASS's Hopper convolutions against cuDNN's, at the shapes of RRDBNet's trunk.
 
-    python -m bench.cutlass_conv build                 # here, with nvcc and nvidia-cutlass
-    python -m bench.cutlass_conv [--out FILE.json]     # on a Hopper GPU; prints JSON
+    pip install nvidia-cutlass                      # CUTLASS's headers; not a dependency of the service
+    python -m bench.cutlass_conv build              # where nvcc is (13.0 here): bench/cutlass_build/
+    python -m bench.cutlass_conv [--out FILE.json]  # on a Hopper GPU; prints JSON
 
 Question: is there a convolution faster than cuDNN's for the trunk? The trunk is nearly all of a
 tile, and about 60% of its time is cuDNN's implicit-GEMM convolutions, at about 410 TFLOP/s of
@@ -116,7 +117,7 @@ def time_convolution(lib: CutlassConv, batch: int, cin: int, cout: int) -> dict:
     with cudnn_benchmark():
         cudnn_ms = graph_ms(lambda t: F.conv2d(t, weight, padding=1), x)
         expected = F.conv2d(x, weight, padding=1).float()
-    tried = {}
+    tried, worst = {}, 0.0
     for shape in TILE_SHAPES:
         got = lib.run(shape, x, weight)
         if got is None:
@@ -124,11 +125,13 @@ def time_convolution(lib: CutlassConv, batch: int, cin: int, cout: int) -> dict:
         error = float((got.float() - expected).abs().max() / expected.abs().max())
         if error > 1e-2:
             raise RuntimeError(f"CUTLASS {shape} differs from cuDNN on {cin}->{cout}: {error:.3g}")
+        worst = max(worst, error)
         tried["{}x{}x{}".format(*shape)] = graph_ms(lambda t: lib.run(shape, t, weight), x)
     best = min(tried, key=tried.get)
     return {"cin": cin, "cout": cout, "cudnn_ms": cudnn_ms, "cudnn_tflops": tflops(batch, cin, cout, cudnn_ms),
             "cutlass_best_tile": best, "cutlass_ms": tried[best],
-            "cutlass_tflops": tflops(batch, cin, cout, tried[best]), "cutlass_ms_by_tile": tried}
+            "cutlass_tflops": tflops(batch, cin, cout, tried[best]), "cutlass_ms_by_tile": tried,
+            "cutlass_max_error_vs_cudnn": worst}  # relative to cuDNN's largest output value
 
 
 def measure() -> dict:
