@@ -14,7 +14,12 @@ prefix of its channels as the concatenation (a strided view, no copy) and writes
 ReLU into its own channels; the fifth writes ``(conv + bias) * 0.2 + x`` into the next block's
 buffer. Every graph's plans are all built and timed, and the fastest kept.
 
-Against it, at 8 tiles of 256x256 in fp16: the service's block (``SplitDenseBlock``, compiled,
+cuDNN fuses such epilogues only in its runtime-compiled kernels, so the same in-place block is
+also built with graphs of the convolution alone, which its precompiled kernels may take, each
+followed by one compiled element-wise kernel that applies the bias and leaky ReLU (or the
+residual) to the convolution's channels in place: the "plain" block.
+
+Against both, at 8 tiles of 256x256 in fp16: the service's block (``SplitDenseBlock``, compiled,
 replayed as a CUDA graph) and each of its convolutions alone through PyTorch. The answer is in
 `bench/RESULTS.md`.
 """
@@ -54,26 +59,28 @@ def _event_ms(fn, repeats: int = 20) -> float:
 
 class FusedConv:
     """One cuDNN graph: a 3x3 convolution of the first ``cin`` channels of a ``src_channels``
-    buffer, bias, then leaky ReLU or the block residual, into ``cout`` channels of a
-    ``dst_channels`` buffer. All plans are built; the fastest is kept."""
+    buffer, then (``epilogue``) bias and leaky ReLU or bias and the block residual, or nothing,
+    into ``cout`` channels of a ``dst_channels`` buffer. All plans are built; the fastest is kept."""
 
-    def __init__(self, cudnn, handle, cin: int, src_channels: int, cout: int, dst_channels: int, residual: bool):
+    def __init__(self, cudnn, handle, cin: int, src_channels: int, cout: int, dst_channels: int,
+                 epilogue: str | None):
         self.handle = handle
         half = cudnn.data_type.HALF
         g = cudnn.pygraph(io_data_type=half, intermediate_data_type=cudnn.data_type.FLOAT,
                           compute_data_type=cudnn.data_type.FLOAT, handle=handle)
         self.x = g.tensor(name="x", dim=[BATCH, cin, SIZE, SIZE], stride=_strides(src_channels), data_type=half)
         self.w = g.tensor(name="w", dim=[cout, cin, 3, 3], stride=[9 * cin, 1, 3 * cin, cin], data_type=half)
-        self.b = g.tensor(name="b", dim=[1, cout, 1, 1], stride=[cout, 1, cout, cout], data_type=half)
-        y = g.bias(input=g.conv_fprop(image=self.x, weight=self.w, padding=[1, 1], stride=[1, 1],
-                                      dilation=[1, 1], name="conv"), bias=self.b, name="bias")
-        self.r = self.scale = None
-        if residual:
+        y = g.conv_fprop(image=self.x, weight=self.w, padding=[1, 1], stride=[1, 1], dilation=[1, 1], name="conv")
+        self.b = self.r = self.scale = None
+        if epilogue is not None:
+            self.b = g.tensor(name="b", dim=[1, cout, 1, 1], stride=[cout, 1, cout, cout], data_type=half)
+            y = g.bias(input=y, bias=self.b, name="bias")
+        if epilogue == "residual":
             self.scale = g.tensor(name="scale", dim=[1, 1, 1, 1], stride=[1, 1, 1, 1],
                                   data_type=cudnn.data_type.FLOAT, is_pass_by_value=True)
             self.r = g.tensor(name="r", dim=[BATCH, cout, SIZE, SIZE], stride=_strides(src_channels), data_type=half)
             y = g.add(a=g.scale(input=y, scale=self.scale, name="scaled"), b=self.r, name="residual")
-        else:
+        elif epilogue == "leaky":
             y = g.leaky_relu(y, negative_slope=SLOPE, name="leaky")
         y.set_output(True).set_data_type(half).set_dim([BATCH, cout, SIZE, SIZE]).set_stride(_strides(dst_channels))
         self.y, self.graph = y, g
@@ -87,7 +94,9 @@ class FusedConv:
         self.plan, self.workspace = 0, None
 
     def bind(self, src, weight, bias, dst, residual=None) -> dict:
-        pack = {self.x: src, self.w: weight, self.b: bias.view(1, -1, 1, 1), self.y: dst}
+        pack = {self.x: src, self.w: weight, self.y: dst}
+        if self.b is not None:
+            pack[self.b] = bias.view(1, -1, 1, 1)
         if self.r is not None:
             pack[self.r] = residual
             pack[self.scale] = torch.full((1, 1, 1, 1), RESIDUAL)
@@ -139,37 +148,68 @@ def measure() -> dict:
             parts.append(_event_ms(lambda: F.conv2d(features, weight, padding=1)))
     report["service_convolutions_alone_ms"] = sum(parts)
 
-    # The fused block, in place.
+    # The block in place, fused and plain; each checked against basicsr's block.
     handle = cudnn.create_handle()
     cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
     width = FEAT + 4 * GROW
     here, there = (torch.zeros(BATCH, width, SIZE, SIZE, device=cuda, dtype=torch.half).contiguous(
         memory_format=torch.channels_last) for _ in range(2))
     here[:, :FEAT] = x
-    fused, packs, tuned = [], [], []
+    with torch.inference_mode():
+        expected = block(x).float()
+    for name, fused in (("fused", True), ("plain", False)):
+        run_block, tuned = _in_place_block(cudnn, handle, convs, here, there, fused)
+        report[f"{name}_convolutions"] = tuned
+        report[f"{name}_block_ms"] = _event_ms(run_block)
+        there.zero_()
+        run_block()
+        error = (there[:, :FEAT].float() - expected).abs().max() / expected.abs().max()
+        report[f"{name}_max_error_relative"] = float(error)
+        report[f"{name}_trunk_saving_ms"] = BLOCKS_IN_X4PLUS * (report["service_block_ms"] - report[f"{name}_block_ms"])
+    report["blocks_in_x4plus"] = BLOCKS_IN_X4PLUS
+    return report
+
+
+@torch.compile(dynamic=False)
+def _finish_map(y: torch.Tensor, bias: torch.Tensor) -> None:
+    """A new feature map's bias and leaky ReLU, in place on its channels of the buffer."""
+    y.copy_(F.leaky_relu(y + bias.view(1, -1, 1, 1), SLOPE))
+
+
+@torch.compile(dynamic=False)
+def _finish_block(y: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> None:
+    """The block's output in place: the fifth convolution's bias, scaled, plus the block's input."""
+    y.copy_((y + bias.view(1, -1, 1, 1)) * RESIDUAL + x)
+
+
+def _in_place_block(cudnn, handle, convs, here, there, fused: bool):
+    """The dense block as five cuDNN graphs that read the concatenation in place from ``here``:
+    with their epilogues fused, or (plain) as convolutions alone, each followed by its epilogue
+    as one compiled element-wise kernel. Returns the block as a call, and each graph's tuning."""
+    width = here.shape[1]
+    steps, tuned = [], []
     for k, conv in enumerate(convs):
         last = k == len(convs) - 1
-        step = FusedConv(cudnn, handle, conv.in_channels, width, conv.out_channels, width, residual=last)
+        epilogue = ("residual" if last else "leaky") if fused else None
+        step = FusedConv(cudnn, handle, conv.in_channels, width, conv.out_channels, width, epilogue)
         dst = there[:, :FEAT] if last else here[:, conv.in_channels:conv.in_channels + GROW]
         pack = step.bind(here[:, :conv.in_channels], conv.weight.contiguous(memory_format=torch.channels_last),
                          conv.bias, dst, here[:, :FEAT] if last else None)
         tuned.append({"cin": conv.in_channels, "cout": conv.out_channels, **step.tune(pack)})
-        fused.append(step)
-        packs.append(pack)
+        if fused:
+            finish = None
+        elif last:
+            finish = (_finish_block, (dst, conv.bias, here[:, :FEAT]))
+        else:
+            finish = (_finish_map, (dst, conv.bias))
+        steps.append((step, pack, finish))
 
-    def fused_block():
-        for step, pack in zip(fused, packs):
+    def run_block():
+        for step, pack, finish in steps:
             step(pack)
-
-    report["fused_convolutions"] = tuned
-    report["fused_block_ms"] = _event_ms(fused_block)
-    fused_block()
-    with torch.inference_mode():
-        expected = block(x).float()
-    report["fused_max_error_relative"] = float((there[:, :FEAT].float() - expected).abs().max() / expected.abs().max())
-    report["blocks_in_x4plus"] = BLOCKS_IN_X4PLUS
-    report["trunk_saving_ms"] = BLOCKS_IN_X4PLUS * (report["service_block_ms"] - report["fused_block_ms"])
-    return report
+            if finish is not None:
+                finish[0](*finish[1])
+    return run_block, tuned
 
 
 if __name__ == "__main__":
