@@ -57,7 +57,7 @@ def _event_ms(fn, repeats: int = 20) -> float:
     return best
 
 
-class FusedConv:
+class ConvGraph:
     """One cuDNN graph: a 3x3 convolution of the first ``cin`` channels of a ``src_channels``
     buffer, then (``epilogue``) bias and leaky ReLU or bias and the block residual, or nothing,
     into ``cout`` channels of a ``dst_channels`` buffer. All plans are built; the fastest is kept."""
@@ -191,7 +191,7 @@ def _in_place_block(cudnn, handle, convs, here, there, fused: bool):
     for k, conv in enumerate(convs):
         last = k == len(convs) - 1
         epilogue = ("residual" if last else "leaky") if fused else None
-        step = FusedConv(cudnn, handle, conv.in_channels, width, conv.out_channels, width, epilogue)
+        step = ConvGraph(cudnn, handle, conv.in_channels, width, conv.out_channels, width, epilogue)
         dst = there[:, :FEAT] if last else here[:, conv.in_channels:conv.in_channels + GROW]
         pack = step.bind(here[:, :conv.in_channels], conv.weight.contiguous(memory_format=torch.channels_last),
                          conv.bias, dst, here[:, :FEAT] if last else None)
