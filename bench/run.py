@@ -194,6 +194,13 @@ def _served_rows(srv: dict) -> list[str]:
         if even:  # reports before 2026-11-29 run o lack it
             rows.append(f"| {name}: p99 at 70% of peak, evenly spaced arrivals, vs unloaded p50 "
                         f"| {even['p99_ms']:.0f} ms | {unloaded['p50_ms']:.0f} ms | {even['p99_over_unloaded_p50']:.2f}x |")
+    for name, path in paths:  # what one GPU serves when the bound must hold with random arrivals
+        bounded = path.get("latency_bounded")
+        if bounded:  # reports before 2026-11-30 lack it
+            rate = "none of 40-70% of peak" if bounded["load"] is None else \
+                f"{bounded['images_per_s']:.1f}/s ({bounded['load']:.0%} of peak)"
+            rows.append(f"| {name}: highest Poisson rate with p99 within {bounded['bound']:g}x the unloaded p50 "
+                        f"| {rate} | | |")
     for name, path in paths:  # the tail a request has alone, and what the load adds to it
         loaded, unloaded = path["open_loop_at_70_percent"], path["closed_loop"][0]
         rows.append(f"| {name}: p99 at 70% of peak vs unloaded p99 | {loaded['p99_ms']:.0f} ms "

@@ -7,6 +7,8 @@ one GPU replica each at 0.5 GPU, CPU replicas as set below) and measures, per pa
   time went (queued, served, bare forward);
 - open loop (Poisson arrivals) at 70% of the best throughput: p50/p99 against the unloaded p50;
   then the same rate evenly spaced, where a tail left is the service's own (``bench.arrivals``);
+  and, where Poisson arrivals at 70% take the p99 past 2x, the highest load (40-60%) that keeps
+  it within 2x: what one GPU serves under that bound;
 - at every level and in the Poisson loop, the node's busy cores, whole and per kind of process
   (``bench.host_cpu``), so the cores one GPU needs count the proxy, the ingress and Ray too;
 - the largest input the service accepts by default (2048x2048 at x4), under the memory cap of a
@@ -33,7 +35,7 @@ import torch
 import yaml
 from ray import serve
 
-from bench.arrivals import arrival_gaps
+from bench.arrivals import LOAD, TAIL_BOUND, arrival_gaps, highest_load_within_bound
 from bench.common import known_face_detector, percentiles, photo, png
 from bench.host_cpu import LOAD_GENERATOR, HostCpu
 from serve_app.config import AppArgs
@@ -230,24 +232,44 @@ def _path(name: str, body: bytes, params: dict, levels: list[int], seconds: floa
     best = max(r["images_per_s"] for r in results)
     reset_gpu_stats()
     with HostCpu() as host:
-        loaded = asyncio.run(open_loop(body, params, 0.7 * best, open_seconds))
+        loaded = asyncio.run(open_loop(body, params, LOAD * best, open_seconds))
     loaded.update(gpu_replica_times(name), host_cpu=host.report)
     # The same rate evenly spaced: what is left of the tail is the service's own, not the
     # bunching of random arrivals that any single queue turns into waiting.
     reset_gpu_stats()
-    even = asyncio.run(open_loop(body, params, 0.7 * best, open_seconds, arrivals="even"))
+    even = asyncio.run(open_loop(body, params, LOAD * best, open_seconds, arrivals="even"))
     even.update(gpu_replica_times(name))
     for loop in (loaded, even):
         loop["p99_over_unloaded_p50"] = loop["p99_ms"] / results[0]["p50_ms"]
         # how much of that tail a request has alone, and how much the load adds to it
         loop["p99_over_unloaded_p99"] = loop["p99_ms"] / results[0]["p99_ms"]
+    bounded = _latency_bounded(body, params, best, results[0]["p50_ms"], loaded, open_seconds / 2)
     # CPU time of a request measured unloaded (no thread waits), and the cores it takes at the
     # best rate; Ray's and the HTTP proxy's own CPU come on top.
     cpu_ms = sum(v for k, v in results[0]["steps_ms_p50"].items() if k in CPU_STEPS)
     return {"path": name, "params": params, "closed_loop": results, "best_images_per_s": best,
-            "open_loop_at_70_percent": loaded, "open_loop_at_70_percent_even": even, "cpu_ms_per_request": cpu_ms,
+            "open_loop_at_70_percent": loaded, "open_loop_at_70_percent_even": even,
+            "latency_bounded": bounded, "cpu_ms_per_request": cpu_ms,
             "cpu_cores_at_best_rate": cpu_ms * best / 1e3,
             "node_cores_at_best_rate": _service_cores(max(results, key=lambda r: r["images_per_s"])["host_cpu"])}
+
+
+def _latency_bounded(body: bytes, params: dict, best: float, unloaded_p50: float, loaded: dict,
+                     seconds: float) -> dict:
+    """The highest Poisson rate, in tenths of the peak, whose p99 stays within ``TAIL_BOUND`` of
+    the unloaded p50 (``highest_load_within_bound``), each probe ``seconds`` long."""
+    loops = {}
+
+    def ratio_at(load: float) -> float:
+        loops[load] = asyncio.run(open_loop(body, params, load * best, seconds))
+        return loops[load]["p99_ms"] / unloaded_p50
+
+    load, probes = highest_load_within_bound(ratio_at, loaded["p99_over_unloaded_p50"])
+    return {"bound": TAIL_BOUND, "arrivals": "poisson", "probe_seconds": seconds, "load": load,
+            "images_per_s": None if load is None else load * best,
+            "probes": [{"load": at, "p99_over_unloaded_p50": ratio,
+                        **{k: loops[at][k] for k in ("offered_per_s", "requests", "p50_ms", "p99_ms") if at in loops}}
+                       for at, ratio in sorted(probes.items())]}
 
 
 def path_request(name: str, upscale_size: int = 256) -> tuple[bytes, dict]:

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from bench.arrivals import arrival_gaps
+from bench.arrivals import LOAD, arrival_gaps, highest_load_within_bound
 from bench.tail import perfect_device_bound, simulate_queue
 
 TILE_MS, RATE = 10.0, 70.0  # a device 70% busy, one tile at a time
@@ -70,3 +70,34 @@ def test_the_perfect_device_bound_is_2x_exactly_where_it_says_2x_needs():
     for answer in (with_needed_other, with_needed_tile):
         assert answer["p99_over_unloaded_p50"] == pytest.approx(2.0, rel=1e-9)
     assert bound["gpu_step_p99_in_tiles"] == pytest.approx(with_needed_tile["gpu_step_p99_in_tiles"], rel=1e-9)
+
+
+def test_the_latency_bounded_load_on_a_perfect_device_is_the_highest_tenth_it_passes():
+    # A perfect device at run u's peak and other work (104.9 tiles/s, 40.9 ms): 2x lies between
+    # 60% of the peak (1.85x) and 70% (2.23x), so the search, starting at 50%, ends at 60%.
+    peak, other_ms = 104.9, 40.9
+    probed = []
+
+    def ratio_at(load):
+        probed.append(load)
+        p99 = simulate_queue(load * peak, lambda n: 1e3 / peak * n, cap=1, wait_ms=0.0)["p99_ms"]
+        return (other_ms + p99) / (other_ms + 1e3 / peak)
+
+    load, probes = highest_load_within_bound(ratio_at, ratio_at(LOAD))
+    assert probed == [LOAD, 0.5, 0.6] and load == 0.6
+    assert probes[0.6] <= 2.0 < probes[LOAD]
+
+
+@pytest.mark.parametrize("slope, expected, probed", [
+    (4.0, 0.5, [0.5, 0.6]),  # 2.0 at half the peak holds (the bound is inclusive), 2.4 at 60% does not
+    (5.0, 0.4, [0.5, 0.4]),
+    (10.0, None, [0.5, 0.4]),  # past the bound at every load probed
+])
+def test_the_latency_bounded_search_takes_two_probes_down_or_up_from_half_the_peak(slope, expected, probed):
+    calls = []
+    load, probes = highest_load_within_bound(lambda at: calls.append(at) or slope * at, slope * LOAD)
+    assert load == expected and calls == probed and set(probes) == {LOAD, *probed}
+
+
+def test_a_load_that_already_holds_at_70_percent_needs_no_probe():
+    assert highest_load_within_bound(lambda at: pytest.fail("probed"), 1.9) == (LOAD, {LOAD: 1.9})
