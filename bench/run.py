@@ -197,7 +197,7 @@ def _served_rows(srv: dict) -> list[str]:
     for name, path in paths:  # what one GPU serves when the bound must hold with random arrivals
         bounded = path.get("latency_bounded")
         if bounded:  # reports before 2026-11-30 lack it
-            rate = "none of 40-70% of peak" if bounded["load"] is None else \
+            rate = "not even 10% of peak" if bounded["load"] is None else \
                 f"{bounded['images_per_s']:.1f}/s ({bounded['load']:.0%} of peak)"
             rows.append(f"| {name}: highest Poisson rate with p99 within {bounded['bound']:g}x the unloaded p50 "
                         f"| {rate} | | |")

@@ -7,8 +7,8 @@ one GPU replica each at 0.5 GPU, CPU replicas as set below) and measures, per pa
   time went (queued, served, bare forward);
 - open loop (Poisson arrivals) at 70% of the best throughput: p50/p99 against the unloaded p50;
   then the same rate evenly spaced, where a tail left is the service's own (``bench.arrivals``);
-  and, where Poisson arrivals at 70% take the p99 past 2x, the highest load (40-60%) that keeps
-  it within 2x: what one GPU serves under that bound;
+  and, where Poisson arrivals at 70% take the p99 past 2x, the highest tenth of the peak that
+  keeps it within 2x (``highest_load_within_bound``): what one GPU serves under that bound;
 - at every level and in the Poisson loop, the node's busy cores, whole and per kind of process
   (``bench.host_cpu``), so the cores one GPU needs count the proxy, the ingress and Ray too;
 - the largest input the service accepts by default (2048x2048 at x4), under the memory cap of a

@@ -74,7 +74,7 @@ def test_the_perfect_device_bound_is_2x_exactly_where_it_says_2x_needs():
 
 def test_the_latency_bounded_load_on_a_perfect_device_is_the_highest_tenth_it_passes():
     # A perfect device at run u's peak and other work (104.9 tiles/s, 40.9 ms): 2x lies between
-    # 60% of the peak (1.85x) and 70% (2.23x), so the search, starting at 50%, ends at 60%.
+    # 60% of the peak (1.85x) and 70% (2.23x), so the search ends at 60%.
     peak, other_ms = 104.9, 40.9
     probed = []
 
@@ -84,16 +84,17 @@ def test_the_latency_bounded_load_on_a_perfect_device_is_the_highest_tenth_it_pa
         return (other_ms + p99) / (other_ms + 1e3 / peak)
 
     load, probes = highest_load_within_bound(ratio_at, ratio_at(LOAD))
-    assert probed == [LOAD, 0.5, 0.6] and load == 0.6
+    assert probed == [LOAD, 0.4, 0.6] and load == 0.6
     assert probes[0.6] <= 2.0 < probes[LOAD]
 
 
 @pytest.mark.parametrize("slope, expected, probed", [
-    (4.0, 0.5, [0.5, 0.6]),  # 2.0 at half the peak holds (the bound is inclusive), 2.4 at 60% does not
-    (5.0, 0.4, [0.5, 0.4]),
-    (10.0, None, [0.5, 0.4]),  # past the bound at every load probed
+    (4.0, 0.5, [0.4, 0.6, 0.5]),  # 2.0 at half the peak holds (the bound is inclusive), 2.4 at 60% does not
+    (6.0, 0.3, [0.4, 0.2, 0.3]),
+    (15.0, 0.1, [0.4, 0.2, 0.1]),
+    (25.0, None, [0.4, 0.2, 0.1]),  # past the bound at every load probed
 ])
-def test_the_latency_bounded_search_takes_two_probes_down_or_up_from_half_the_peak(slope, expected, probed):
+def test_the_latency_bounded_search_bisects_the_tenths_below_70_percent(slope, expected, probed):
     calls = []
     load, probes = highest_load_within_bound(lambda at: calls.append(at) or slope * at, slope * LOAD)
     assert load == expected and calls == probed and set(probes) == {LOAD, *probed}
