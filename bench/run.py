@@ -196,7 +196,7 @@ def _served_rows(srv: dict) -> list[str]:
                         f"| {even['p99_ms']:.0f} ms | {unloaded['p50_ms']:.0f} ms | {even['p99_over_unloaded_p50']:.2f}x |")
     for name, path in paths:  # what one GPU serves when the bound must hold with random arrivals
         bounded = path.get("latency_bounded")
-        if bounded:  # reports before 2026-11-30 lack it
+        if bounded:  # reports before 2026-11-29 run ab lack it
             rate = "not even 10% of peak" if bounded["load"] is None else \
                 f"{bounded['images_per_s']:.1f}/s ({bounded['load']:.0%} of peak)"
             rows.append(f"| {name}: highest Poisson rate with p99 within {bounded['bound']:g}x the unloaded p50 "

@@ -243,7 +243,8 @@ def _path(name: str, body: bytes, params: dict, levels: list[int], seconds: floa
         loop["p99_over_unloaded_p50"] = loop["p99_ms"] / results[0]["p50_ms"]
         # how much of that tail a request has alone, and how much the load adds to it
         loop["p99_over_unloaded_p99"] = loop["p99_ms"] / results[0]["p99_ms"]
-    bounded = _latency_bounded(body, params, best, results[0]["p50_ms"], loaded, open_seconds / 2)
+    bounded = _latency_bounded(body, params, best, results[0]["p50_ms"], loaded["p99_over_unloaded_p50"],
+                               open_seconds / 2)
     # CPU time of a request measured unloaded (no thread waits), and the cores it takes at the
     # best rate; Ray's and the HTTP proxy's own CPU come on top.
     cpu_ms = sum(v for k, v in results[0]["steps_ms_p50"].items() if k in CPU_STEPS)
@@ -254,17 +255,18 @@ def _path(name: str, body: bytes, params: dict, levels: list[int], seconds: floa
             "node_cores_at_best_rate": _service_cores(max(results, key=lambda r: r["images_per_s"])["host_cpu"])}
 
 
-def _latency_bounded(body: bytes, params: dict, best: float, unloaded_p50: float, loaded: dict,
+def _latency_bounded(body: bytes, params: dict, best: float, unloaded_p50: float, ratio_at_load: float,
                      seconds: float) -> dict:
     """The highest Poisson rate, in tenths of the peak, whose p99 stays within ``TAIL_BOUND`` of
-    the unloaded p50 (``highest_load_within_bound``), each probe ``seconds`` long."""
+    the unloaded p50 (``highest_load_within_bound``; at ``LOAD`` it was ``ratio_at_load``), each
+    probe ``seconds`` long."""
     loops = {}
 
     def ratio_at(load: float) -> float:
         loops[load] = asyncio.run(open_loop(body, params, load * best, seconds))
         return loops[load]["p99_ms"] / unloaded_p50
 
-    load, probes = highest_load_within_bound(ratio_at, loaded["p99_over_unloaded_p50"])
+    load, probes = highest_load_within_bound(ratio_at, ratio_at_load)
     return {"bound": TAIL_BOUND, "arrivals": "poisson", "probe_seconds": seconds, "load": load,
             "images_per_s": None if load is None else load * best,
             "probes": [{"load": at, "p99_over_unloaded_p50": ratio,
