@@ -25,13 +25,15 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 from torch import nn
 
-from serve_app.engines.cuda_graphs import CapturedCall
+from serve_app.engines.cuda_graphs import CapturedCall, TimedCall
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 
 class CompiledNetwork:
@@ -59,18 +61,36 @@ class CompiledNetwork:
         with torch.inference_mode():
             self._compiled(example)
         self._graphs: dict[int, CapturedCall] = {}
+        self.max_batch, self.device = max_batch, device
         if device.type == "cuda":
-            pool = torch.cuda.graph_pool_handle()  # safe to share: replays never overlap (see CapturedCall)
+            self._pool = torch.cuda.graph_pool_handle()  # safe to share: replays never overlap (see CapturedCall)
             # One warm-up stream for all: the caching allocator keeps each stream's blocks apart.
-            warm_up = torch.cuda.Stream(device)
-            with cudnn_benchmark():
-                for batch in range(max_batch, 0, -1):  # largest first: smaller graphs reuse its blocks
-                    example = _zeros(batch, size, device, dtype, memory_format)
-                    self._graphs[batch] = CapturedCall(self._compiled, example, pool, warm_up)
-            torch.cuda.empty_cache()  # the warm-ups' blocks; the graphs keep their own pool
+            self._warm_up = torch.cuda.Stream(device)
+            self._graphs = self._capture(lambda batch: CapturedCall(
+                self._compiled, _zeros(batch, size, device, dtype, memory_format), self._pool, self._warm_up))
         log.info("compiled %s for %dx%d tiles in %.1f s (%d CUDA graphs)", type(network).__name__, size, size,
                  time.perf_counter() - started, len(self._graphs))
         self._save_artifacts()
+
+    def timed_graphs(self, prepare: Callable, finish: Callable, dtype: torch.dtype) -> dict[tuple, TimedCall]:
+        """On CUDA, ``finish(network(prepare(x)))`` as one graph per batch size, for inputs x of
+        ``dtype`` shaped (N, 3, size, size), keyed by that shape: see ``TimedCall``."""
+        if self.device.type != "cuda":
+            return {}
+
+        def capture(batch: int) -> TimedCall:
+            example = torch.zeros(batch, 3, self.size, self.size, device=self.device, dtype=dtype)
+            return TimedCall(prepare, self._compiled, finish, example, self._pool, self._warm_up)
+        return {(batch, 3, self.size, self.size): call for batch, call in self._capture(capture).items()}
+
+    def _capture(self, capture: Callable[[int], R]) -> dict[int, R]:
+        """``capture(batch)`` for every batch size, with cuDNN timing its algorithms."""
+        graphs = {}
+        with cudnn_benchmark():
+            for batch in range(self.max_batch, 0, -1):  # largest first: smaller graphs reuse its blocks
+                graphs[batch] = capture(batch)
+        torch.cuda.empty_cache()  # the warm-ups' blocks; the graphs keep their own pool
+        return graphs
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-2:]) != (self.size, self.size):
