@@ -1,15 +1,16 @@
-"""Which calls ``GraphsByShape`` captures, keeps and replays.
+"""Which calls ``GraphsByShape`` captures, keeps and replays, and what a ``TimedCall`` records.
 
 Capturing needs CUDA; here a recording capture stands in for it, so the policy (second sight,
 size bound, most recently used kept) is checked on the CPU. The captured graphs themselves are
 checked against plain calls on an H100 by the benchmark's face stage
-(``detector_graph_max_abs_diff``).
+(``detector_graph_max_abs_diff``). A ``TimedCall``'s function is checked on the CPU too, with
+stand-in events.
 """
 from __future__ import annotations
 
 import torch
 
-from serve_app.engines.cuda_graphs import GraphsByShape
+from serve_app.engines.cuda_graphs import GraphsByShape, timed
 
 
 class RecordingCapture:
@@ -86,3 +87,40 @@ def test_only_a_shapes_first_call_goes_to_the_first_sight_forward_graphs_or_none
         # (the recording capture replays by calling forward, so every call is recorded)
         assert calls == [("first sight", (1, 4)), ("forward", (1, 4)), ("first sight", (2, 4)),
                          ("forward", (1, 4)), ("forward", (2, 4)), ("forward", (2, 4))], (keep, max_elements)
+
+
+class Mark:
+    """A stand-in CUDA event: notes in ``log`` when it is recorded."""
+
+    def __init__(self, name: str, log: list):
+        self.name, self.log = name, log
+
+    def record(self):
+        self.log.append(self.name)
+
+
+def test_a_timed_call_times_the_network_alone_and_never_compiles_it_again():
+    compiles, log = [], []
+
+    def counting_backend(graph_module, example_inputs):
+        compiles.append(len(example_inputs))
+        return graph_module.forward
+
+    network = torch.compile(lambda x: torch.relu(x * 2 - 1), backend=counting_backend)
+    prepare = lambda x: x.float().div_(255)  # noqa: E731  (as the upscaler's 8-bit input)
+
+    def forward(x):
+        log.append("forward")
+        return network(x)
+    finish = lambda y: y.mul(255).round().to(torch.uint8)  # noqa: E731
+    pixels = torch.arange(48, dtype=torch.uint8).reshape(1, 3, 4, 4)
+    example = torch.zeros(1, 3, 4, 4)  # a normal tensor, as CompiledNetwork compiles for
+    with torch.inference_mode():
+        network(example)
+        result = timed(prepare, forward, finish, Mark("start", log), Mark("end", log))(pixels)
+        assert len(compiles) == 1  # the prepared input passed the guards of the first compile
+        assert log == ["start", "forward", "end"]
+        expected = torch.relu(pixels.float() / 255 * 2 - 1).mul(255).round().to(torch.uint8)
+        assert torch.equal(result, expected)
+        network(prepare(pixels))  # an inference tensor, prepared without ``timed``: compiled again
+        assert len(compiles) == 2

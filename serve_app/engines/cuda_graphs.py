@@ -61,14 +61,7 @@ class TimedCall:
                  pool, warm_up: torch.cuda.Stream):
         # external: recorded by the replays, not turned into a dependency inside the graph
         self._start, self._end = (torch.cuda.Event(enable_timing=True, external=True) for _ in range(2))
-
-        def call(x: torch.Tensor):
-            x = prepare(x)
-            self._start.record()
-            y = forward(x)
-            self._end.record()
-            return finish(y)
-        self._captured = CapturedCall(call, example, pool, warm_up)
+        self._captured = CapturedCall(timed(prepare, forward, finish, self._start, self._end), example, pool, warm_up)
         self.last_ms: float | None = None  # the last ``forward_ms`` read
 
     def __call__(self, x: torch.Tensor):
@@ -78,6 +71,23 @@ class TimedCall:
         """GPU milliseconds of ``forward`` in the last replay, once that replay is done."""
         self.last_ms = self._start.elapsed_time(self._end)
         return self.last_ms
+
+
+def timed(prepare: Callable, forward: Callable, finish: Callable, start, end) -> Callable:
+    """``finish(forward(prepare(x)))``, with ``start`` and ``end`` recorded around ``forward``.
+
+    ``prepare``'s result is a normal tensor even in inference mode, as the input ``forward`` was
+    compiled for: an inference tensor fails Dynamo's guards, and x4plus was compiled twice more
+    (17-19 s of each replica start on an H200, the batch of one's graph and the others').
+    """
+    def call(x: torch.Tensor):
+        with torch.inference_mode(False):
+            x = prepare(x)
+        start.record()
+        y = forward(x)
+        end.record()
+        return finish(y)
+    return call
 
 
 _TURNS = threading.Lock()  # see the module's note
