@@ -77,8 +77,8 @@ def timed(prepare: Callable, forward: Callable, finish: Callable, start, end) ->
     """``finish(forward(prepare(x)))``, with ``start`` and ``end`` recorded around ``forward``.
 
     ``prepare``'s result is a normal tensor even in inference mode, as the input ``forward`` was
-    compiled for: an inference tensor fails Dynamo's guards, and x4plus was compiled twice more
-    (17-19 s of each replica start on an H200, the batch of one's graph and the others').
+    compiled for (see ``compiled.normal_tensor``): with an inference tensor x4plus was compiled
+    twice more, 17-19 s of each replica start on an H200.
     """
     def call(x: torch.Tensor):
         with torch.inference_mode(False):
