@@ -6,10 +6,12 @@ import sys
 
 import cv2
 import numpy as np
+import torch
 from skimage import data
 from torch._dynamo.utils import counters as dynamo_counters
 
 from serve_app.config import EngineConfig, TileConfig, WeightsConfig
+from serve_app.engines.compiled import normal_tensor, with_normal_result
 from serve_app.engines.upscaler import load_upscaler
 from serve_app.weights import WeightsStore
 
@@ -19,6 +21,7 @@ TILE = TileConfig(size=64, pad=8, blend=4, batch_size=2)
 RESTART = """
 import json, sys, numpy as np, torch
 from serve_app.config import EngineConfig, TileConfig, WeightsConfig
+from serve_app.engines.compiled import normal_tensor, with_normal_result
 from serve_app.engines.upscaler import load_upscaler
 from serve_app.weights import WeightsStore
 store = WeightsStore(WeightsConfig(cache_dir=sys.argv[1], download=False))
@@ -105,3 +108,26 @@ def test_a_network_compiled_for_one_item_runs_a_batch_item_by_item(tmp_path):
         ours = compiled(x)
         torch.testing.assert_close(ours, network(x), atol=2e-3, rtol=0)
         assert ours[0].abs().sum() != ours[2].abs().sum()  # three answers, not one repeated
+
+
+def test_inputs_made_in_inference_mode_reach_the_network_as_compiled_for():
+    compiles = []
+
+    def counting_backend(graph_module, example_inputs):
+        compiles.append(len(example_inputs))
+        return graph_module.forward
+
+    network = torch.compile(lambda x: torch.relu(x * 2 - 1), backend=counting_backend)
+    prepare = lambda x: x.float().div_(255)  # noqa: E731  (the upscaler's 8-bit conversion)
+    pixels = torch.arange(48, dtype=torch.uint8).reshape(1, 3, 4, 4)
+    example = torch.zeros(1, 3, 4, 4)  # a normal tensor, as CompiledNetwork compiles for
+    with torch.inference_mode():
+        network(example)
+        prepared = with_normal_result(prepare)(pixels)
+        assert not prepared.is_inference()
+        expected = torch.relu(pixels.float() / 255 * 2 - 1)
+        assert torch.equal(network(prepared), expected)
+        assert torch.equal(network(normal_tensor(prepare(pixels))), expected)
+        assert len(compiles) == 1  # both passed the first compile's guards
+        network(prepare(pixels))  # a tensor made in inference mode: compiled again
+        assert len(compiles) == 2

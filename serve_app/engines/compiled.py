@@ -83,7 +83,7 @@ class CompiledNetwork:
 
         def capture(batch: int) -> TimedCall:
             example = torch.zeros(batch, 3, self.size, self.size, device=self.device, dtype=dtype)
-            return TimedCall(prepare, self._compiled, finish, example, self._pool, self._warm_up)
+            return TimedCall(with_normal_result(prepare), self._compiled, finish, example, self._pool, self._warm_up)
         started = time.perf_counter()
         graphs = self._capture(capture)
         log.info("captured %d CUDA graphs for %s inputs in %.1f s", len(graphs), dtype, time.perf_counter() - started)
@@ -129,14 +129,25 @@ class CompiledNetwork:
         os.replace(tmp, self.artifacts)  # whole or not at all, as the weights
 
 
+# The network is compiled for a normal tensor, and a tensor made in inference mode fails
+# Dynamo's guards: the call compiles it again. x4plus was compiled twice more at each start on
+# an H200 (17-19 s, the 8-bit graphs' conversions) and once more at its first call on a 2-core
+# CPU (10.8 s at 64x64 tiles). So the compiled network is only ever given normal tensors.
+
 def normal_tensor(x: torch.Tensor) -> torch.Tensor:
-    """``x``, copied into a normal tensor if it was made in inference mode. The network is
-    compiled for a normal tensor, and an inference tensor fails Dynamo's guards: the first call
-    would compile it again (10.8 s for x4plus at 64x64 tiles on a 2-core CPU)."""
+    """``x``, copied into a normal tensor if it was made in inference mode."""
     if not x.is_inference():
         return x
     with torch.inference_mode(False):
         return x.clone()
+
+
+def with_normal_result(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn``, its result made as a normal tensor even when called in inference mode: no copy."""
+    def call(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(False):
+            return fn(x)
+    return call
 
 
 def cudnn_benchmark():

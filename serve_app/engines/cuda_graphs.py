@@ -74,15 +74,9 @@ class TimedCall:
 
 
 def timed(prepare: Callable, forward: Callable, finish: Callable, start, end) -> Callable:
-    """``finish(forward(prepare(x)))``, with ``start`` and ``end`` recorded around ``forward``.
-
-    ``prepare``'s result is a normal tensor even in inference mode, as the input ``forward`` was
-    compiled for (see ``compiled.normal_tensor``): with an inference tensor x4plus was compiled
-    twice more, 17-19 s of each replica start on an H200.
-    """
+    """``finish(forward(prepare(x)))``, with ``start`` and ``end`` recorded around ``forward``."""
     def call(x: torch.Tensor):
-        with torch.inference_mode(False):
-            x = prepare(x)
+        x = prepare(x)
         start.record()
         y = forward(x)
         end.record()
