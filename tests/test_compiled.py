@@ -21,7 +21,6 @@ TILE = TileConfig(size=64, pad=8, blend=4, batch_size=2)
 RESTART = """
 import json, sys, numpy as np, torch
 from serve_app.config import EngineConfig, TileConfig, WeightsConfig
-from serve_app.engines.compiled import normal_tensor, with_normal_result
 from serve_app.engines.upscaler import load_upscaler
 from serve_app.weights import WeightsStore
 store = WeightsStore(WeightsConfig(cache_dir=sys.argv[1], download=False))
