@@ -3,6 +3,7 @@
     python -m bench.tail queue [--rate 66.6] [--fixed-ms 4.9] [--tile-ms 9.0] [--unloaded-ms 59]
                                [--arrivals poisson|even]
     python -m bench.tail bound RESULTS.json [...]
+    python -m bench.tail closed RESULTS.json [...]
     python -m bench.tail overlap          # CUDA only
     python -m bench.tail client [--rate 64]
     python -m bench.tail settings [--paths faces upscale] [--variant NAME JSON ...] [--open-seconds 16]
@@ -21,6 +22,10 @@
   one request to another; in order keeps the longest wait shortest). Everything else in the
   request keeps its unloaded time. Also how long that other work would have to take for 2x at
   the run's peak, or how cheap a tile would have to be with the run's other work.
+- ``closed``: the issue's bound read off each served run's closed loop instead: each
+  concurrency level's share of the loop's peak and its p99 over the unloaded (one in flight)
+  p50, and the first level that reached 70% of the peak. A fixed pool of clients, each sending
+  its next picture when the last comes back, as queue workers do, sees this load.
 - ``overlap``: two CUDA-graph sets of the compiled x4plus replayed from two threads on two
   streams, against the same replays one after the other: what a second device lane would gain.
 - ``client``: the load generator's own share of a 3 MB answer, httpx against aiohttp, from a
@@ -50,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.arrivals import ARRIVALS, arrival_gaps
+from bench.arrivals import ARRIVALS, LOAD, arrival_gaps
 
 
 def simulate_queue(rate: float, batch_ms, cap: int, wait_ms: float, requests: int = 200_000,
@@ -112,6 +117,27 @@ def bound(args) -> dict:
             "measured": upscale["open_loop_at_70_percent"]["p99_over_unloaded_p50"],
             "perfect_device": perfect_device_bound(upscale["best_images_per_s"], unloaded["p50_ms"],
                                                    unloaded["upscaler_replica"]["times"]["inside_ms_p50"])}
+    return report
+
+
+def closed_loop_reading(closed_loop: list[dict], load: float = LOAD) -> dict:
+    """Each level of a closed loop (concurrency rising) as a share of the loop's best
+    throughput, with its p99 over the first level's (one in flight) p50; and the first level
+    that reached ``load`` of that best."""
+    peak, unloaded_p50 = max(level["images_per_s"] for level in closed_loop), closed_loop[0]["p50_ms"]
+    levels = [{"concurrency": level["concurrency"], "share_of_peak": level["images_per_s"] / peak,
+               "p99_ms": level["p99_ms"], "p99_over_unloaded_p50": level["p99_ms"] / unloaded_p50}
+              for level in closed_loop]
+    first = next(level for level in levels if level["share_of_peak"] >= load)
+    return {"levels": levels, "first_at_load": first}
+
+
+def closed(args) -> dict:
+    report = {}
+    for path in args.results:
+        served = json.loads(Path(path).read_text())["served"]
+        report[Path(path).name] = {name: closed_loop_reading(served[name]["closed_loop"])
+                                   for name in ("upscale", "faces") if name in served}
     return report
 
 
@@ -281,8 +307,9 @@ def main() -> None:
     q.add_argument("--arrivals", choices=ARRIVALS, default="poisson", help="how requests are spaced "
                    "(bench.arrivals)")
     q.add_argument("--unloaded-ms", type=float, default=59.0, help="a whole request's unloaded p50 (run l)")
-    b = sub.add_parser("bound")
-    b.add_argument("results", nargs="+", type=Path, help="JSON files of served runs (bench/results/)")
+    for reading in ("bound", "closed"):
+        sub.add_parser(reading).add_argument("results", nargs="+", type=Path,
+                                             help="JSON files of served runs (bench/results/)")
     sub.add_parser("overlap")
     c = sub.add_parser("client")
     c.add_argument("--rate", type=float, default=64.0)
@@ -298,7 +325,7 @@ def main() -> None:
                    "are spaced (bench.arrivals)")
     f.add_argument("--out", type=Path, help="also written here, after every turn")
     args = parser.parse_args()
-    what = {"queue": queue, "bound": bound, "overlap": overlap, "client": client,
+    what = {"queue": queue, "bound": bound, "closed": closed, "overlap": overlap, "client": client,
             "settings": settings, "face-settings": settings}[args.what]
     print(json.dumps(what(args), indent=2))
 

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from bench.arrivals import LOAD, arrival_gaps, highest_load_within_bound
-from bench.tail import perfect_device_bound, simulate_queue
+from bench.tail import closed_loop_reading, perfect_device_bound, simulate_queue
 
 TILE_MS, RATE = 10.0, 70.0  # a device 70% busy, one tile at a time
 
@@ -102,3 +102,17 @@ def test_the_latency_bounded_search_bisects_the_tenths_below_70_percent(slope, e
 
 def test_a_load_that_already_holds_at_70_percent_needs_no_probe():
     assert highest_load_within_bound(lambda at: pytest.fail("probed"), 1.9) == (LOAD, {LOAD: 1.9})
+
+
+def test_the_closed_loop_reading_takes_the_first_level_that_reaches_70_percent_of_its_peak():
+    def level(concurrency, per_s, p50_ms, p99_ms):
+        return {"concurrency": concurrency, "images_per_s": per_s, "p50_ms": p50_ms, "p99_ms": p99_ms}
+
+    loop = [level(1, 20.0, 50.0, 60.0), level(4, 60.0, 65.0, 90.0), level(8, 75.0, 100.0, 140.0),
+            level(16, 100.0, 160.0, 230.0), level(32, 98.0, 320.0, 400.0)]
+    reading = closed_loop_reading(loop)
+    # 60/s is under 70% of the best level's 100/s; 75/s is the first at or past it
+    first = reading["first_at_load"]
+    assert first["concurrency"] == 8 and first["share_of_peak"] == pytest.approx(0.75)
+    assert first["p99_over_unloaded_p50"] == pytest.approx(140.0 / 50.0)
+    assert [level["share_of_peak"] for level in reading["levels"]] == pytest.approx([0.2, 0.6, 0.75, 1.0, 0.98])
