@@ -24,4 +24,7 @@ USER ray
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
     CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=8).status != 200)"
-CMD ["serve", "run", "serve_config.yaml"]
+# restore-serve drains on SIGTERM (docker stop): give it the ingress's graceful timeout, as in
+# docker stop -t 160, or stop_grace_period in compose.
+STOPSIGNAL SIGTERM
+CMD ["restore-serve", "serve_config.yaml"]

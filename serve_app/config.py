@@ -38,6 +38,9 @@ class WeightsConfig(_Strict):
     )
     download: bool = Field(default=True, description="Fetch missing weights from the official URLs.")
     download_timeout_s: float = Field(default=60.0, gt=0)
+    retry_interval_s: float = Field(default=60.0, gt=0, description="How often a GPU replica retries, "
+                                    "in the background, loading a model whose weights it could not have; "
+                                    "meanwhile requests for that model are refused at once.")
 
     def resolved_cache_dir(self) -> Path:
         return self.cache_dir.expanduser()
@@ -108,7 +111,15 @@ class RuntimeConfig(_Strict):
                                           "(pixels of all its pictures) replayed from a graph; larger ones "
                                           "run plainly, where launches are a small part of the time and a "
                                           "graph would hold their memory besides the plain calls'.")
-    request_timeout_s: float = Field(default=120.0, gt=0)
+    request_timeout_s: float = Field(default=120.0, gt=0, description="A request's whole time in the "
+                                     "graph, queues included; past it, 504 timeout and its work stops.")
+    max_in_flight: int = Field(default=64, gt=0, description="Requests one ingress replica passes into "
+                               "the graph at once (bodies already read); beyond it, 503 overloaded at once.")
+    body_timeout_s: float = Field(default=30.0, gt=0, description="Longest a client may take to send its "
+                                  "request body; a slower one gets 408 body_timeout and its slot back.")
+    draining: bool = Field(default=False, description="Ingress only: answer new requests 503 draining "
+                           "(and /healthz 503) while finishing those in flight; restore-serve sets it on "
+                           "Ctrl-C or SIGTERM, an operator may set it before taking a cluster down.")
     cpu_threads: int = Field(default=2, gt=0, description="Threads per CPU replica for decode, tiles, "
                              "paste-back and encode (OpenCV and numpy release the GIL).")
     gpu_memory_fraction: float | None = Field(

@@ -19,6 +19,10 @@ class RestoreError(Exception):
     def to_json(self) -> dict:
         return {"error": self.code, "detail": self.detail}
 
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the answer carries besides the JSON body."""
+        return {}
+
 
 class InvalidOption(RestoreError):
     status, code = 400, "invalid_option"
@@ -54,6 +58,7 @@ class WeightsUnavailable(RestoreError):
     """A model's weights are neither on disk nor downloadable."""
 
     status, code = 503, "weights_unavailable"
+    model: str | None = None  # the model a replica could not load, where it is known
 
 
 class WeightsCorrupt(WeightsUnavailable):
@@ -68,8 +73,48 @@ class ReplicaLost(RestoreError):
     status, code = 503, "replica_lost"
 
 
+class TooMuchWork(RestoreError):
+    """The work asked for cannot end within the request timeout on this service's devices."""
+
+    status, code = 413, "too_much_work"
+
+
+class NotFound(RestoreError):
+    status, code = 404, "not_found"
+
+
+class MethodNotAllowed(RestoreError):
+    status, code = 405, "method_not_allowed"
+
+    def __init__(self, detail: str, allowed: tuple[str, ...] = ()):
+        super().__init__(detail)
+        self.allowed = allowed
+
+    def headers(self) -> dict[str, str]:
+        return {"allow": ", ".join(self.allowed)}
+
+
+class BodyTimeout(RestoreError):
+    """The client sent its request body too slowly."""
+
+    status, code = 408, "body_timeout"
+
+
 class Overloaded(RestoreError):
     status, code = 503, "overloaded"
+
+    def __init__(self, detail: str, retry_after_s: int = 1):
+        super().__init__(detail)
+        self.retry_after_s = max(1, int(retry_after_s))
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(self.retry_after_s)}
+
+
+class Draining(Overloaded):
+    """The service is shutting down: it finishes what it holds and takes nothing new."""
+
+    code = "draining"
 
 
 class RequestTimeout(RestoreError):

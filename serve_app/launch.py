@@ -1,48 +1,168 @@
-"""``restore-serve``: start a local Ray instance fit for serve_config.yaml, then ``serve run`` it.
+"""``restore-serve``: start a local Ray instance fit for serve_config.yaml, deploy the graph on it,
+and drain it on Ctrl-C or SIGTERM.
 
 serve_config.yaml gives the model deployments a fraction of a GPU each. A machine without
 one would leave them unschedulable, so on such a machine Ray is started with one *logical*
 GPU: the fractions place as they would on a GPU node, and the engines, finding no CUDA, run
-on the CPU in fp32 (each deployment logs its device). On a GPU machine Ray counts the real
-GPUs. When a Ray cluster is already running (``ray up``, ``ray start``), use ``serve run`` or
-``serve deploy`` directly instead.
+on the CPU in fp32 (each deployment logs its device). Replica counts are fitted to the machine
+(``node_fit``). When a Ray cluster is already running (``ray up``, ``ray start``), the
+configuration is deployed on it as written.
+
+Stopping drains: the ingress answers new requests 503 ``draining`` while those in flight
+finish (up to the ingress's ``graceful_shutdown_timeout_s``), then Serve and the Ray instance
+started here stop. ``serve run`` would stop Serve's HTTP proxies at once, cutting off every
+request in flight.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger("restore-serve")
+APP_NAME, INGRESS = "restore", "Ingress"
+# The ray command installed beside this Python (a virtual environment need not be activated).
+RAY = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else "ray"
 
 
 def _ray_is_running() -> bool:
-    return subprocess.run(["ray", "status"], capture_output=True).returncode == 0
+    return subprocess.run([RAY, "status"], capture_output=True).returncode == 0
 
 
-def ray_start_command() -> list[str]:
+def ray_start_command(num_cpus: int | None = None) -> list[str]:
     import torch
 
-    command = ["ray", "start", "--head", "--disable-usage-stats"]
+    command = [RAY, "start", "--head", "--disable-usage-stats"]
     if not torch.cuda.is_available():
         command.append("--num-gpus=1")  # logical: lets the fractional GPU deployments place
+    if num_cpus is not None:
+        command.append(f"--num-cpus={num_cpus}")
     return command
+
+
+def _deploy(config: dict):
+    """Start Serve as the config says and apply it: what ``serve run CONFIG`` does (its own
+    functions), with the driver kept here so that stopping can drain first."""
+    from ray.serve._private import api as serve_api
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    client = serve_api.serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location,
+                                   grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+                                   controller_options=schema.controller_options)
+    client.deploy_apps(schema, _blocking=False)
+    return client
+
+
+def _report_until_running(stop: threading.Event) -> None:
+    """Log, until the application runs, each deployment that is not HEALTHY and why (Serve names
+    the resources a replica that cannot be placed needs)."""
+    from ray import serve
+
+    said: dict[str, str] = {}
+    while not stop.wait(2.0):
+        app = serve.status().applications.get(APP_NAME)
+        if app is None:
+            continue
+        if app.status == "RUNNING":
+            log.info("application %r RUNNING: listening", APP_NAME)
+            return
+        for name, deployment in app.deployments.items():
+            line = f"{deployment.status} {dict(deployment.replica_states)} {deployment.message}".strip()
+            if deployment.status != "HEALTHY" and said.get(name) != line:
+                log.warning("%s: %s", name, line)
+                said[name] = line
+
+
+def _ingress_ongoing() -> int:
+    """Requests inside the ingress replicas now, as Serve's own routers read it from each replica."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{APP_NAME}#{INGRESS}#"
+    counts = []
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].startswith(prefix):
+            replica = ray.get_actor(actor["name"], namespace=actor["namespace"])
+            counts.append(replica.get_num_ongoing_requests.remote())
+    return sum(ray.get(counts, timeout=10))
+
+
+def drain(client, config: dict) -> None:
+    """Turn the ingress to draining, wait for the requests it holds (at most its graceful
+    timeout), then delete the application, Serve waiting for what is still in flight."""
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+
+    draining = copy.deepcopy(config)
+    ingress = next(d for d in draining["applications"][0]["deployments"] if d["name"] == INGRESS)
+    ingress["user_config"] = {**ingress.get("user_config", {}), "draining": True}
+    timeout = float(ingress.get("graceful_shutdown_timeout_s", 20))
+    log.info("draining: new requests get 503; waiting up to %g s for those in flight", timeout)
+    try:
+        client.deploy_apps(ServeDeploySchema.model_validate(draining), _blocking=True)
+    except Exception as exc:  # noqa: BLE001  still stop, without the wait
+        log.warning("could not turn the ingress to draining: %s", exc)
+        timeout = 0
+    ends, quiet = time.monotonic() + timeout, 0
+    while time.monotonic() < ends and quiet < 2:  # two readings in a row with nothing inside
+        quiet = quiet + 1 if _ingress_ongoing() == 0 else 0
+        time.sleep(0.2)
+    serve.delete(APP_NAME)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="restore-serve", description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", default="serve_config.yaml")
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="CPUs of the Ray instance started here (default: all of this machine's)")
     args = parser.parse_args(argv)
-    started_here = False
-    if "RAY_ADDRESS" not in os.environ and not _ray_is_running():
-        subprocess.run(ray_start_command(), check=True)
-        started_here = True
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s restore-serve %(levelname)s %(message)s")
+    config = yaml.safe_load(Path(args.config).read_text())
+    started_here = "RAY_ADDRESS" not in os.environ and not _ray_is_running()
+    if started_here:
+        # In a session of its own, Ray's daemons do not get the terminal's Ctrl-C: this process
+        # drains first, then stops them.
+        subprocess.run(ray_start_command(args.num_cpus), check=True, start_new_session=True)
     try:
-        return subprocess.run(["serve", "run", args.config]).returncode
-    except KeyboardInterrupt:
-        return 0
+        return _serve(config, started_here)
     finally:
         if started_here:
-            subprocess.run(["ray", "stop"], capture_output=True)
+            subprocess.run([RAY, "stop", "--force"], capture_output=True)
+            log.info("stopped the Ray instance started here")
+
+
+def _serve(config: dict, started_here: bool) -> int:
+    import ray
+    from ray import serve
+
+    from serve_app.node_fit import fit_to_node
+
+    ray.init(address="auto", namespace="serve", log_to_driver=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, whose core worker installs its own
+        signal.signal(sig, lambda *_: stop.set())
+    if started_here:
+        resources = ray.cluster_resources()
+        config, changes = fit_to_node(config, resources.get("CPU", 0), resources.get("GPU", 0))
+        for change in changes:
+            log.info("fitted to this machine: %s", change)
+    client = _deploy(config)
+    _report_until_running(stop)
+    stop.wait()
+    drain(client, config)
+    serve.shutdown()
+    ray.shutdown()
+    return 0
 
 
 if __name__ == "__main__":

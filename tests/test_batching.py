@@ -16,7 +16,7 @@ from serve_app.deployments.threads import Workers
 
 
 def _device(sizes, seconds=0.05, fail_on=None):
-    async def run(items, deliver):
+    async def run(items, deliver, abandoned):
         sizes.append(len(items))
         await asyncio.sleep(seconds)  # the forward pass; the event loop stays free meanwhile
         if fail_on is not None and fail_on in items:
@@ -138,7 +138,7 @@ def test_an_item_delivered_early_does_not_wait_for_the_rest_of_its_batch():
     async def main():
         rest_may_go = asyncio.Event()
 
-        async def face_by_face(items, deliver):
+        async def face_by_face(items, deliver, abandoned):
             deliver(0, items[0] * 10)  # the first face is done; the others are still on the device
             await rest_may_go.wait()
             for i in range(1, len(items)):
@@ -160,7 +160,7 @@ def test_an_item_delivered_early_does_not_wait_for_the_rest_of_its_batch():
 
 def test_an_item_its_batch_never_delivered_gets_an_error_and_the_next_batch_runs():
     async def main():
-        async def forgets_the_second(items, deliver):
+        async def forgets_the_second(items, deliver, abandoned):
             deliver(0, items[0] * 10)
 
         batcher = DeviceBatcher(forgets_the_second, max_batch_size=2, wait_s=0.005)
@@ -215,3 +215,28 @@ def test_freezing_the_heap_hides_start_up_objects_from_the_collector_but_still_c
         assert gone() is None and gc.get_freeze_count() == frozen
     finally:
         gc.unfreeze()
+
+
+def test_a_batch_learns_when_every_caller_is_gone():
+    seen = []
+
+    async def main():
+        started, release = asyncio.Event(), asyncio.Event()
+
+        async def run(items, deliver, abandoned):
+            seen.append(abandoned())
+            started.set()
+            await release.wait()
+            seen.append(abandoned())  # the device work asks between its steps
+
+        batcher = DeviceBatcher(run, max_batch_size=4, wait_s=0)
+        callers = [asyncio.ensure_future(batcher.submit(i)) for i in range(2)]
+        await started.wait()
+        for caller in callers:
+            caller.cancel()
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert seen == [False, True]

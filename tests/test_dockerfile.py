@@ -36,4 +36,6 @@ def test_installs_like_the_readme_and_runs_safely():
     health = dict(instructions)["HEALTHCHECK"]
     assert "/healthz" in health and "exit 0" not in health
     assert "OPENCV_IO_MAX_IMAGE_PIXELS=" in dict(instructions)["ENV"]
-    assert dict(instructions)["CMD"] == '["serve", "run", "serve_config.yaml"]'
+    # the launcher, which drains on docker stop's SIGTERM (serve run would cut requests off)
+    assert dict(instructions)["CMD"] == '["restore-serve", "serve_config.yaml"]'
+    assert dict(instructions)["STOPSIGNAL"] == "SIGTERM"

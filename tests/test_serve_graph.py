@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import os
 import subprocess
 import sys
 import threading
@@ -103,6 +104,16 @@ def _replicas_pending(name: str) -> bool:
     return states.get("PENDING_ALLOCATION", 0) + states.get("STARTING", 0) > 0 and not states.get("RUNNING")
 
 
+def _pending_in_health(name: str) -> dict | None:
+    try:
+        r = httpx.get(f"{URL}/healthz", timeout=5)
+    except httpx.HTTPError:
+        return None
+    body = r.json() if r.status_code == 503 else {}
+    message = body.get("deployments", {}).get(name, {}).get("message", "")
+    return body if "Resources required" in message else None
+
+
 def _replicas(name: str) -> int:
     deployment = serve.status().applications["restore"].deployments[name]
     return deployment.replica_states.get("RUNNING", 0)
@@ -111,6 +122,8 @@ def _replicas(name: str) -> int:
 @pytest.fixture(scope="module")
 def deployed(weights_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
+    # Serve says what a replica that cannot be placed needs after this long (30 s by default)
+    os.environ["RAY_SERVE_SLOW_STARTUP_WARNING_S"] = "2"
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 4, "num_gpus": 0, "resources": {"head": 1}, "include_dashboard": True,
         "dashboard_host": "127.0.0.1"})
@@ -120,7 +133,10 @@ def deployed(weights_dir, tmp_path_factory):
     _deploy(config, tmp / "config.yaml")
     # No GPU node yet: the app deploys, its GPU replicas stay pending.
     _wait_for(lambda: _replicas_pending("UpscalerDeployment"), 60, "pending GPU replicas")
-    time.sleep(3)
+    # The health answer names the replicas that cannot be placed, with the resources they need.
+    _wait_for(lambda: _pending_in_health("UpscalerDeployment"), 60, "the health answer's reason")
+    pending = _pending_in_health("UpscalerDeployment")
+    assert pending["status"] == "starting" and "GPU" in pending["deployments"]["UpscalerDeployment"]["message"]
     assert not _running()
     started = time.monotonic()
     gpu_node = cluster.add_node(num_cpus=4, num_gpus=1)  # what the autoscaler does on EC2
@@ -130,6 +146,7 @@ def deployed(weights_dir, tmp_path_factory):
     serve.shutdown()
     ray.shutdown()
     cluster.shutdown()
+    os.environ.pop("RAY_SERVE_SLOW_STARTUP_WARNING_S")
 
 
 @pytest.fixture(scope="module")
@@ -493,9 +510,10 @@ def test_reconfigure_applies_without_restarting_replicas(deployed, client, small
 
     def times_out():  # each ingress replica takes the new timeout in its own time: until then, a 200
         slow = client.post("/v1/restore", params={"model": "RealESRGAN_x4plus"}, content=_png(small_photo))
-        return slow.status_code == 504 and slow.json().get("error") == "timeout"
+        # a 504 past the timeout, or at once a 413: the upscaler knows the work takes longer
+        return (slow.status_code, slow.json().get("error")) in ((504, "timeout"), (413, "too_much_work"))
 
-    _wait_for(times_out, 60, "a 504 past the new request timeout")
+    _wait_for(times_out, 60, "an answer that the new request timeout is too short")
     _deploy(deployed["config"], deployed["path"])
     _wait_for(lambda: client.post("/v1/restore", content=big).status_code == 200, 60, "the old limits")
 
@@ -505,7 +523,7 @@ def test_healthz_is_200_once_every_offered_model_is_loaded(deployed, client):
     complete = copy.deepcopy(deployed["config"])
     complete["applications"][0]["args"]["upscalers"] = ["realesr-animevideov3", "RealESRGAN_x4plus"]
     _deploy(complete, deployed["path"])
-    _wait_for(lambda: client.get("/healthz").status_code == 200, 180, "a healthy graph")
+    _wait_for(lambda: _running() and client.get("/healthz").status_code == 200, 180, "a healthy graph")
     body = client.get("/healthz").json()
     assert body == {"status": "ok", "devices": {"upscaler": "cpu", "faces": "cpu"}}
 

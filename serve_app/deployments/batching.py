@@ -22,14 +22,16 @@ from typing import Awaitable, Callable, Generic, Hashable, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 Deliver = Callable[[int, R], None]  # (an item's index in its batch, its result), on the event loop
+Abandoned = Callable[[], bool]  # whether every caller of the batch is gone; safe from any thread
 
 
 class DeviceBatcher(Generic[T, R]):
-    """``run_batch(items, deliver)`` does one batch's device work and calls ``deliver(i, result)``
-    for every item, each as soon as its result exists. An item it ends without delivering gets
-    an error, and every undelivered item gets the error the batch raised."""
+    """``run_batch(items, deliver, abandoned)`` does one batch's device work and calls
+    ``deliver(i, result)`` for every item, each as soon as its result exists; work long enough to
+    matter asks ``abandoned()`` and stops once nobody waits for the batch. An item it ends
+    without delivering gets an error, and every undelivered item gets the error the batch raised."""
 
-    def __init__(self, run_batch: Callable[[list[T], Deliver], Awaitable[None]], max_batch_size: int,
+    def __init__(self, run_batch: Callable[[list[T], Deliver, Abandoned], Awaitable[None]], max_batch_size: int,
                  wait_s: float):
         self._run_batch = run_batch
         self.max_batch_size, self.wait_s = max_batch_size, wait_s
@@ -68,8 +70,11 @@ class DeviceBatcher(Generic[T, R]):
                 if not futures[i].done():  # a caller may have gone meanwhile
                     futures[i].set_result((result, started, time.perf_counter()))
 
+            def abandoned(futures=futures) -> bool:
+                return all(future.done() for future in futures)
+
             try:
-                await self._run_batch([item for item, _ in batch], deliver)
+                await self._run_batch([item for item, _ in batch], deliver, abandoned)
                 error: Exception = RuntimeError("the device batch ended without this item's result")
             except Exception as exc:  # noqa: BLE001  every caller still waiting gets the error
                 error = exc

@@ -21,14 +21,15 @@ import numpy as np
 from ray import serve
 
 from serve_app.config import AppArgs, RuntimeConfig
-from serve_app.deployments.batching import Deliver, DeviceBatcher, group_indices
+from serve_app.deployments.batching import Abandoned, Deliver, DeviceBatcher, group_indices
 from serve_app.deployments.gpu import StepTimes, cap_gpu_memory, gpu_memory, gpu_waits, sleep_while_gpu_works
 from serve_app.deployments.heap import freeze_heap, keep_freed_memory
+from serve_app.deployments.logs import quiet_client_errors
 from serve_app.deployments.models import EngineCache
 from serve_app.deployments.threads import Workers
 from serve_app.engines.device import resolve_device
 from serve_app.engines.faces import FaceEngine, FoundFaces, load_face_engine
-from serve_app.errors import InvalidOption
+from serve_app.errors import InvalidOption, RequestTimeout
 from serve_app.weights import WeightsStore
 
 log = logging.getLogger("ray.serve")
@@ -39,10 +40,11 @@ _DETECT, _RESTORE = 0, 1  # the device lanes
 class FaceDeployment:
     def __init__(self, args: AppArgs):
         keep_freed_memory()
+        quiet_client_errors()
         sleep_while_gpu_works()  # before PyTorch makes its CUDA context
         self.args, self.store = args, WeightsStore(args.weights)
         self.runtime = RuntimeConfig()
-        self.engines = EngineCache(self._load)
+        self.engines = EngineCache(self._load, retry_interval_s=args.weights.retry_interval_s)
         self.batch_sizes: dict[str, Counter[int]] = {"detect": Counter(), "restore": Counter()}
         self.times = StepTimes()
         self.detections = DeviceBatcher(self._detect_batch, self.runtime.face_batch_size,
@@ -76,14 +78,30 @@ class FaceDeployment:
             self.engines.preload([(name,) for name in self.args.face_models])
             freeze_heap()
 
+    def check(self, face_model: str) -> None:
+        """Refuse at once (WeightsUnavailable) a face model this replica could not load."""
+        self.engines.start_retries()
+        self.args.check_offered(face_model=face_model)
+        self.engines.get(face_model)
+
     async def restore(self, work: np.ndarray, face_model: str, strength: float = 1.0,
-                      only_center_face: bool = False, aligned: bool = False
+                      only_center_face: bool = False, aligned: bool = False, deadline: float | None = None
                       ) -> tuple[FoundFaces, list[np.ndarray], list[np.ndarray]]:
         """An 8-bit BGR picture -> where its faces are (the affines that cut them out, and how many
-        were found), their restored versions and their paste masks."""
-        self.args.check_offered(face_model=face_model)
+        were found), their restored versions and their paste masks; RequestTimeout past
+        ``deadline`` (a ``time.time()``), its faces then dropped from the batches to come."""
         if not 0.0 <= strength <= 1.0:  # here, before it can fail a batch shared with others
             raise InvalidOption(f"face_strength must be in [0, 1], not {strength}")
+        self.check(face_model)
+        timeout = None if deadline is None else deadline - time.time()
+        try:
+            return await asyncio.wait_for(self._restore(work, face_model, strength, only_center_face, aligned),
+                                          timeout)
+        except asyncio.TimeoutError:
+            raise RequestTimeout("the request took longer than the service's request timeout") from None
+
+    async def _restore(self, work: np.ndarray, face_model: str, strength: float, only_center_face: bool,
+                       aligned: bool) -> tuple[FoundFaces, list[np.ndarray], list[np.ndarray]]:
         entered = time.perf_counter()
         engine = self.engines.get(face_model)
         detect_wait = detect = 0.0
@@ -106,18 +124,22 @@ class FaceDeployment:
         placed = FoundFaces(affines=found.affines, faces_detected=found.faces_detected)
         return placed, faces, [] if aligned else [mask for (_, mask), _, _ in done]
 
-    async def _detect_batch(self, items: list[tuple[FaceEngine, np.ndarray]], deliver: Deliver) -> None:
+    async def _detect_batch(self, items: list[tuple[FaceEngine, np.ndarray]], deliver: Deliver,
+                            abandoned: Abandoned) -> None:
         """One detector pass per model over the pictures of every waiting request (the detector
         batches those of one size), at most ``face_detect_batch_pixels`` per pass."""
         self.batch_sizes["detect"][len(items)] += 1
         for indices in group_indices(items, lambda item: id(item[0])):
             engine = items[indices[0]][0]
             for chunk in _by_pixels(indices, [items[i][1] for i in indices], self.runtime.face_detect_batch_pixels):
+                if abandoned():
+                    return
                 found = await self.workers.device(engine.detector, [items[i][1] for i in chunk], lane=_DETECT)
                 for i, detections in zip(chunk, found):
                     deliver(i, detections)
 
-    async def _restore_batch(self, items: list[tuple[FaceEngine, float, bool, np.ndarray]], deliver: Deliver) -> None:
+    async def _restore_batch(self, items: list[tuple[FaceEngine, float, bool, np.ndarray]], deliver: Deliver,
+                             abandoned: Abandoned) -> None:
         """GFPGAN, then the parser with the paste masks, per model and strength over the faces of
         every waiting request: in one pass each, or face by face where the networks run so (see
         ``FaceEngine.restore_each``), each face delivered as soon as it is done."""
@@ -130,10 +152,11 @@ class FaceDeployment:
                 loop.call_soon_threadsafe(deliver, indices[k], (face, mask))  # from the device lane
 
             await self.workers.device(restore_and_mask, engine, [items[i][3] for i in indices], strength, paste,
-                                      done, lane=_RESTORE)
+                                      done, abandoned, lane=_RESTORE)
 
     async def stats(self) -> dict:
-        return {"device": str(self.device), "failures": dict(self.engines.failures),
+        self.engines.start_retries()
+        return {"device": str(self.device), "failures": self.engines.failures,
                 "batch_sizes": {step: dict(sizes) for step, sizes in self.batch_sizes.items()},
                 "times": self.times.summary(), "gpu_memory": gpu_memory(self.device, self.memory_fraction),
                 "gpu_waits": gpu_waits()}
@@ -151,11 +174,15 @@ def _engine_settings(runtime: RuntimeConfig) -> tuple:
 
 
 def restore_and_mask(engine: FaceEngine, crops: list[np.ndarray], strength: float, paste: bool,
-                     done: Callable[[int, np.ndarray, np.ndarray | None], None]) -> None:
+                     done: Callable[[int, np.ndarray, np.ndarray | None], None],
+                     abandoned: Abandoned = lambda: False) -> None:
     """Restore ``crops`` and make their paste masks (``paste``), calling ``done(k, face, mask)``
-    for the k-th crop as soon as its face is ready (see ``FaceEngine.restore_each``)."""
+    for the k-th crop as soon as its face is ready (see ``FaceEngine.restore_each``); stop once
+    nobody waits for the rest."""
     for k, (face, mask) in enumerate(engine.restore_each(crops, strength=strength, masks=paste)):
         done(k, face, mask)
+        if abandoned():
+            return
 
 
 def _by_pixels(indices: list[int], pictures: list[np.ndarray], budget: int) -> list[list[int]]:

@@ -1,29 +1,34 @@
-"""The HTTP ingress and the Python API: parse requests, call the graph, map errors.
+"""The HTTP ingress and the Python API: parse requests, admit them, call the graph, map errors.
 
-It owns HTTP and nothing else; every pixel operation happens in the other deployments.
+It owns HTTP and nothing else; every pixel operation happens in the other deployments. What it
+admits is bounded: ``max_in_flight`` requests in the graph at once (more get 503 ``overloaded``
+at once, never a queue), each with a deadline of ``request_timeout_s`` that every deployment
+downstream checks, and bodies that must arrive within ``body_timeout_s``.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
-import json
 import logging
 import time
-import uuid
+from typing import Awaitable, Callable
 
 import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from serve_app.api import Restored, parse_options
+from serve_app.api import RestoreOptions, Restored, parse_options
 from serve_app.config import AppArgs, RuntimeConfig
 from serve_app.deployments.failures import typed_error
+from serve_app.deployments.health import graph_health
 from serve_app.deployments.heap import freeze_heap, keep_freed_memory
-from serve_app.errors import InvalidOption, Overloaded, RestoreError, TooManyBytes
+from serve_app.deployments.logs import quiet_client_errors
+from serve_app.deployments.request_body import base64_field, image_request, json_object, raw_body, within
+from serve_app.errors import (
+    Draining, MethodNotAllowed, NotFound, Overloaded, RequestTimeout, RestoreError, WeightsUnavailable,
+)
 from serve_app.weights import MODELS, WeightsStore
 
 log = logging.getLogger("ray.serve")
@@ -35,9 +40,14 @@ class Ingress:
     def __init__(self, args: AppArgs, preprocess: DeploymentHandle, upscaler: DeploymentHandle,
                  faces: DeploymentHandle):
         keep_freed_memory()
+        quiet_client_errors()
         # The GPU deployments' handles serve /healthz only; requests go through the CPU deployment.
         self.args, self.store, self.runtime = args, WeightsStore(args.weights), RuntimeConfig()
         self.preprocess, self.upscaler, self.faces = preprocess, upscaler, faces
+        self.in_flight = 0  # requests of this replica inside the graph now
+        # model -> (why, until when): models a GPU replica said it cannot load, refused here at
+        # once until its next background retry
+        self.missing: dict[str, tuple[str, float]] = {}
         freeze_heap()
 
     def reconfigure(self, user_config: dict) -> None:
@@ -45,81 +55,45 @@ class Ingress:
 
     # ------------------------------------------------------------------ HTTP
     async def __call__(self, request: Request) -> Response:
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        route = {
-            ("POST", "/v1/restore"): self._http_restore,
-            ("POST", "/inference"): self._http_legacy_inference,
-            ("GET", "/v1/models"): self._http_models,
-            ("GET", "/healthz"): self._http_healthz,
-        }.get((request.method, request.url.path))
         started = time.perf_counter()
+        path, method, error_code = request.url.path, request.method, None
         try:
-            if route is None:
-                response = JSONResponse({"error": "not_found", "detail": f"no route {request.url.path}"}, 404)
-            else:
-                response = await route(request)
+            methods = self._routes.get(path)
+            if methods is None:
+                raise NotFound(f"no route {path}")
+            if method not in methods:
+                raise MethodNotAllowed(f"{path} takes {', '.join(methods)}, not {method}", tuple(methods))
+            response = await methods[method](request)
         except Exception as exc:  # noqa: BLE001  (the one place errors become HTTP answers)
-            response = self._error_response(typed_error(exc), request_id)
+            error = typed_error(exc)
+            if not isinstance(error, RestoreError):
+                log.error("%s %s failed", method, path, exc_info=exc)  # a fault: its traceback
+                response = JSONResponse({"error": "internal", "detail": "internal error; see the server log"}, 500)
+            else:
+                error_code = error.code
+                response = JSONResponse(error.to_json(), error.status, headers=error.headers())
         elapsed_ms = (time.perf_counter() - started) * 1e3
-        response.headers["x-request-id"] = request_id
         response.headers["x-timing-total-ms"] = f"{elapsed_ms:.1f}"  # in the graph: client and proxy aside
-        log.info("request %s %s %s -> %d in %.1f ms", request_id, request.method, request.url.path,
-                 response.status_code, elapsed_ms,
-                 extra={"request_id": request_id, "status": response.status_code})
+        # One line a request (Serve's own access log is off; its JSON log adds the request id);
+        # health checks only at DEBUG.
+        level = logging.DEBUG if path == "/healthz" else logging.INFO if response.status_code < 500 else logging.WARNING
+        log.log(level, "%s %s %d%s %.1f ms", method, path, response.status_code,
+                f" {error_code}" if error_code else "", elapsed_ms,
+                extra={"status": response.status_code, "error_code": error_code})
         return response
 
-    def _error_response(self, exc: BaseException, request_id: str) -> Response:
-        if isinstance(exc, RestoreError):
-            log.info("request %s refused: %s %s", request_id, exc.code, exc.detail)
-            headers = {"retry-after": "1"} if isinstance(exc, Overloaded) else None
-            return JSONResponse(exc.to_json(), exc.status, headers=headers)
-        log.error("request %s failed", request_id, exc_info=exc)
-        return JSONResponse({"error": "internal", "detail": "internal error; see the server log"}, 500)
-
-    def _body_limit(self, request: Request, *, length_required: bool = False) -> int:
-        """The most body bytes accepted; refuses a declared length beyond it before reading any."""
-        limit = self.runtime.limits.max_bytes * 4 // 3 + 4096  # room for base64 or multipart framing
-        declared = request.headers.get("content-length", "")
-        if length_required and not declared.isdigit():
-            raise InvalidOption("a multipart upload needs a Content-Length header")
-        if declared.isdigit() and int(declared) > limit:
-            raise TooManyBytes(f"the request body is {declared} bytes; the limit is {self.runtime.limits.max_bytes}")
-        return limit
-
-    async def _body(self, request: Request) -> bytes:
-        """The body, refused as soon as it passes the byte limit (memory stays bounded)."""
-        limit = self._body_limit(request)
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise TooManyBytes(f"the request body passes the {self.runtime.limits.max_bytes}-byte limit")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def _read_request(self, request: Request) -> tuple[bytes, dict, bool]:
-        """(image bytes, options, wants JSON) from a raw, multipart or JSON body."""
-        values = dict(request.query_params)
-        content_type = request.headers.get("content-type", "")
-        if content_type.startswith("multipart/form-data"):
-            self._body_limit(request, length_required=True)  # the form parser reads the rest itself
-            form = await request.form(max_files=1, max_fields=32)
-            upload = form.get("image")
-            if not isinstance(upload, UploadFile):
-                raise InvalidOption("the multipart form needs the image file in field 'image'")
-            values.update({k: v for k, v in form.items() if k != "image" and isinstance(v, str)})
-            return await upload.read(), values, False
-        body = await self._body(request)
-        if content_type.startswith("application/json"):
-            document = _json(body)
-            values.update({k: v for k, v in document.items() if k != "image"})
-            return _b64(document.get("image"), "image"), values, True
-        return body, values, False
+    @property
+    def _routes(self) -> dict[str, dict[str, Callable[[Request], Awaitable[Response]]]]:
+        return {"/v1/restore": {"POST": self._http_restore}, "/inference": {"POST": self._http_legacy_inference},
+                "/v1/models": {"GET": self._http_models}, "/healthz": {"GET": self._http_healthz}}
 
     async def _http_restore(self, request: Request) -> Response:
-        data, values, wants_json = await self._read_request(request)
+        self._check_room()  # before reading a body that would be refused anyway
+        data, values, wants_json = await within(self.runtime.body_timeout_s,
+                                                image_request(request, self.runtime.limits))
         options = parse_options(values)
-        result = await self._with_timeout(self.preprocess.restore_bytes.remote(data, options))
+        result = await self._in_graph(options, lambda deadline: self.preprocess.restore_bytes.remote(
+            data, options, deadline))
         headers = {f"x-timing-{k}-ms": f"{v:.1f}" for k, v in result.timings_ms.items()}
         headers["x-faces-restored"] = str(result.faces)
         if wants_json:
@@ -133,9 +107,12 @@ class Ingress:
 
         ``tile`` and ``half`` are accepted and ignored: tiling and precision are the service's own.
         """
-        document = _json(await self._body(request))
-        data = _b64(document.get("img_str"), "img_str")
-        result = await self._with_timeout(self.preprocess.restore_bytes.remote(data, parse_options({"format": "png"})))
+        self._check_room()
+        document = json_object(await within(self.runtime.body_timeout_s, raw_body(request, self.runtime.limits)))
+        data = base64_field(document.get("img_str"), "img_str")
+        options = parse_options({"format": "png"})
+        result = await self._in_graph(options, lambda deadline: self.preprocess.restore_bytes.remote(
+            data, options, deadline))
         return JSONResponse(base64.b64encode(result.data).decode())
 
     async def _http_models(self, request: Request) -> Response:
@@ -147,17 +124,11 @@ class Ingress:
         ]})
 
     async def _http_healthz(self, request: Request) -> Response:
-        """200 only when every deployment answers and every offered model is loaded."""
-        try:
-            up, faces, _ = await asyncio.wait_for(asyncio.gather(
-                self.upscaler.stats.remote(), self.faces.stats.remote(), self.preprocess.ping.remote()), 10)
-        except Exception as exc:  # noqa: BLE001
-            return JSONResponse({"status": "unavailable", "detail": str(typed_error(exc))}, 503)
-        failures = {**up["failures"], **faces["failures"]}
-        if failures:
-            return JSONResponse({"status": "degraded", "detail": "some models are not loaded",
-                                 "models": failures}, 503)
-        return JSONResponse({"status": "ok", "devices": {"upscaler": up["device"], "faces": faces["device"]}})
+        """200 when every deployment answers and every offered model is loaded; else 503 with why."""
+        if self.runtime.draining:
+            return JSONResponse({"status": "draining", "in_flight": self.in_flight}, 503)
+        body = await graph_health(self.upscaler, self.faces, self.preprocess)
+        return JSONResponse(body, 200 if body["status"] == "ok" else 503)
 
     # ------------------------------------------------------------------ Python API
     async def restore(self, image: np.ndarray | bytes, **options) -> Restored:
@@ -170,34 +141,42 @@ class Ingress:
         """
         try:
             parsed = parse_options({k: v for k, v in options.items() if k not in ("format", "quality")})
-            return await self._with_timeout(self.preprocess.restore_array.remote(image, parsed))
+            return await self._in_graph(parsed, lambda deadline: self.preprocess.restore_array.remote(
+                image, parsed, deadline))
         except Exception as exc:  # noqa: BLE001  callers get our typed errors, as over HTTP
             error = typed_error(exc)
             raise error if isinstance(error, RestoreError) else exc
 
-    async def _with_timeout(self, response):
-        """The graph's answer, or RequestTimeout (the work is cancelled) past the request timeout."""
+    # ------------------------------------------------------------------ admission
+    def _check_room(self) -> None:
+        if self.runtime.draining:
+            raise Draining("the service is shutting down; retry on another instance or later")
+        if self.in_flight >= self.runtime.max_in_flight:
+            raise Overloaded(f"this ingress replica holds {self.in_flight} requests, its limit; retry shortly")
+
+    def _check_models(self, options: RestoreOptions) -> None:
+        for model in filter(None, (options.upscaler, options.face_model if options.face_enhance else None)):
+            why, until = self.missing.get(model, ("", 0.0))
+            if time.monotonic() < until:
+                raise WeightsUnavailable(why)
+
+    async def _in_graph(self, options: RestoreOptions, call: Callable[[float], Awaitable]):
+        """``call(deadline)``'s answer, the request counted in flight meanwhile; RequestTimeout (the
+        work downstream cancelled) once ``request_timeout_s`` has passed."""
+        self._check_room()
+        self._check_models(options)
+        self.in_flight += 1
+        timeout = self.runtime.request_timeout_s
+        response = call(time.time() + timeout)
         try:
-            return await asyncio.wait_for(response, self.runtime.request_timeout_s)
+            return await asyncio.wait_for(response, timeout)
         except asyncio.TimeoutError:
             response.cancel()
+            raise RequestTimeout("the request took longer than the service's request timeout") from None
+        except Exception as exc:
+            error = typed_error(exc)
+            if isinstance(error, WeightsUnavailable) and error.model:
+                self.missing[error.model] = (error.detail, time.monotonic() + self.args.weights.retry_interval_s)
             raise
-
-
-def _json(body: bytes) -> dict:
-    try:
-        document = json.loads(body)
-    except ValueError:
-        raise InvalidOption("the body is not valid JSON") from None
-    if not isinstance(document, dict):
-        raise InvalidOption("the JSON body must be an object")
-    return document
-
-
-def _b64(value, field: str) -> bytes:
-    if not isinstance(value, str):
-        raise InvalidOption(f"JSON field {field!r} must hold the base64 image")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidOption(f"JSON field {field!r} is not valid base64") from None
+        finally:
+            self.in_flight -= 1

@@ -17,15 +17,19 @@ import ray
 from ray import serve
 
 from serve_app.config import AppArgs, RuntimeConfig
-from serve_app.deployments.batching import Deliver, DeviceBatcher, group_indices
+from serve_app.deployments.admission import Admission
+from serve_app.deployments.batching import Abandoned, Deliver, DeviceBatcher, group_indices
 from serve_app.deployments.gpu import (
     StepTimes, cap_gpu_memory, gpu_memory, gpu_waits, sleep_while_gpu_works, timed_call,
 )
 from serve_app.deployments.heap import freeze_heap, keep_freed_memory
 from serve_app.deployments.models import EngineCache
+from serve_app.deployments.logs import quiet_client_errors
 from serve_app.deployments.threads import Workers
 from serve_app.engines.device import resolve_device
+from serve_app.engines.interrupt import Abandoned as PassAbandoned
 from serve_app.engines.upscaler import Upscaler, load_upscaler
+from serve_app.errors import RequestTimeout, TooMuchWork
 from serve_app.weights import WeightsStore, get_spec
 
 log = logging.getLogger("ray.serve")
@@ -35,11 +39,14 @@ log = logging.getLogger("ray.serve")
 class UpscalerDeployment:
     def __init__(self, args: AppArgs):
         keep_freed_memory()
+        quiet_client_errors()
         sleep_while_gpu_works()  # before PyTorch makes its CUDA context
         self.args, self.store = args, WeightsStore(args.weights)
         self.runtime = RuntimeConfig()
-        self.engines = EngineCache(self._load)
+        self.admission = Admission(self.runtime.request_timeout_s)
+        self.engines = EngineCache(self._load, retry_interval_s=args.weights.retry_interval_s)
         self.batch_sizes: Counter[int] = Counter()
+        self.abandoned_passes = 0  # passes stopped or skipped because their requests were gone
         self.times = StepTimes()
         self.batcher = DeviceBatcher(self._forward_batch, self.runtime.tile.batch_size,
                                      self.runtime.upscaler_batch_wait_s)
@@ -51,13 +58,17 @@ class UpscalerDeployment:
         freeze_heap()
 
     def _load(self, name: str, denoise: float | None) -> Upscaler:
-        return load_upscaler(name, self.store, self.runtime.engine(self.args.device), denoise=denoise)
+        engine = load_upscaler(name, self.store, self.runtime.engine(self.args.device), denoise=denoise)
+        if engine.device.type == "cpu":  # on a GPU the first batches teach the admission
+            self.admission.learn((name, denoise), 1, engine.seconds_per_pixel())
+        return engine
 
     def reconfigure(self, user_config: dict) -> None:
         runtime = RuntimeConfig.model_validate(user_config)
         reload = (runtime.tile, runtime.precision, runtime.compile) != (
             self.runtime.tile, self.runtime.precision, self.runtime.compile)
         self.runtime = runtime
+        self.admission.request_timeout_s = runtime.request_timeout_s
         self.memory_fraction = cap_gpu_memory(self.device, runtime.gpu_memory_fraction)
         self.batcher.max_batch_size, self.batcher.wait_s = runtime.tile.batch_size, runtime.upscaler_batch_wait_s
         if reload:  # engines hold their tile shape, number format and compiled kernels
@@ -67,12 +78,29 @@ class UpscalerDeployment:
 
     # async, forwards on the device thread: in Serve's sync-method pool the same forward took
     # 1.3x the GPU time, on a new thread per call 5.6x (bench/call_styles.py, H100).
-    async def forward(self, model: str, denoise: float | None, tiles: np.ndarray) -> np.ndarray:
-        """N x 3 x h x w network inputs of one request -> its N outputs (see ``Upscaler.forward``)."""
+    async def forward(self, model: str, denoise: float | None, tiles: np.ndarray,
+                      deadline: float | None = None) -> np.ndarray:
+        """N x 3 x h x w network inputs of one request -> its N outputs (see ``Upscaler.forward``),
+        or a typed refusal at once when they cannot be done by ``deadline`` (a ``time.time()``)."""
         entered = time.perf_counter()
+        self.engines.start_retries()
         self.args.check_offered(upscaler=model)
-        engine = self.engines.get(model, _networks_denoise(model, denoise))
-        done: list[_Tile] = await asyncio.gather(*(self.batcher.submit((engine, x)) for x in tiles))
+        key = (model, _networks_denoise(model, denoise))
+        engine = self.engines.get(*key)
+        pixels = tiles.shape[0] * tiles.shape[2] * tiles.shape[3]
+        try:
+            cost = self.admission.admit(key, pixels, deadline, f"{model} on {len(tiles)} tiles")
+        except TooMuchWork as exc:
+            raise TooMuchWork(f"{exc.detail}{self._lighter_models(model, pixels)}") from None
+        try:
+            timeout = None if deadline is None else deadline - time.time()
+            tiles_done = asyncio.gather(*(self.batcher.submit((key, engine, x)) for x in tiles))
+            tiles_done.add_done_callback(_retrieve)  # cancelled with its request: nothing to log
+            done: list[_Tile] = await asyncio.wait_for(tiles_done, timeout)
+        except asyncio.TimeoutError:  # its tiles are dropped, and a pass that only they need stops
+            raise RequestTimeout("the request took longer than the service's request timeout") from None
+        finally:
+            self.admission.release(cost)
         calls = {tile.call: (tile.bare_ms, tile.device_ms) for tile in done}  # its device calls, each once
         first_start, now = min(started for started, _ in calls), time.perf_counter()
         served = (now - first_start) * 1e3
@@ -89,26 +117,50 @@ class UpscalerDeployment:
             return done[0].output[np.newaxis]
         return np.stack([tile.output for tile in done])
 
-    async def _forward_batch(self, items: list[tuple[Upscaler, np.ndarray]], deliver: Deliver) -> None:
+    def _lighter_models(self, model: str, pixels: int) -> str:
+        """The offered models that would do the same tiles in time, as advice in a refusal."""
+        fits = []
+        for name in self.args.upscalers:
+            cost = self.admission.estimate((name, None), pixels)
+            if name != model and cost is not None and cost <= self.runtime.request_timeout_s:
+                fits.append((cost, name))
+        if not fits:
+            return ": send a smaller picture or a lower scale"
+        advice = ", ".join(f"model={name} (about {cost:.0f} s)" for cost, name in sorted(fits))
+        return f": use {advice}, a smaller picture or a lower scale"
+
+    async def _forward_batch(self, items: list[tuple[tuple, Upscaler, np.ndarray]], deliver: Deliver,
+                             abandoned: Abandoned) -> None:
         """One forward pass per engine and shape over the tiles of every waiting request, each
-        pass's tiles delivered when it ends.
+        pass's tiles delivered when it ends; a pass whose requests are all gone stops.
 
         Each tile comes back with its pass's identity, bare forward time and device call time.
         """
         started = time.perf_counter()
         self.batch_sizes[len(items)] += 1
-        for group, indices in enumerate(group_indices(items, lambda item: (id(item[0]), item[1].shape,
-                                                                           item[1].dtype))):
-            engine = items[indices[0]][0]
-            (outputs, bare_ms), device_ms = await self.workers.device(
-                timed_call, engine.forward_timed, np.stack([items[i][1] for i in indices]))
+        for group, indices in enumerate(group_indices(items, lambda item: (id(item[1]), item[2].shape,
+                                                                           item[2].dtype))):
+            key, engine, _ = items[indices[0]]
+            if abandoned():
+                self.abandoned_passes += 1
+                return
+            batch = np.stack([items[i][2] for i in indices])
+            try:
+                (outputs, bare_ms), device_ms = await self.workers.device(
+                    timed_call, engine.forward_timed, batch, abandoned)
+            except PassAbandoned:
+                self.abandoned_passes += 1
+                return
+            self.admission.learn(key, batch.shape[0] * batch.shape[2] * batch.shape[3], device_ms / 1e3)
             for i, y in zip(indices, outputs):
                 deliver(i, _Tile(y, (started, group), bare_ms, device_ms))
 
     async def stats(self) -> dict:
-        return {"device": str(self.device), "failures": dict(self.engines.failures), "pid": os.getpid(),
+        self.engines.start_retries()
+        return {"device": str(self.device), "failures": self.engines.failures, "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "batch_sizes": dict(self.batch_sizes), "times": self._times(),
+                "abandoned_passes": self.abandoned_passes, "admitted_work_s": self.admission.outstanding_s,
                 "gpu_memory": gpu_memory(self.device, self.memory_fraction), "gpu_waits": gpu_waits(),
                 "runtime": self.runtime.model_dump(mode="json")}
 
@@ -131,6 +183,11 @@ class _Tile(NamedTuple):
     call: tuple[float, int]  # the batch's start time and the call's place in it: one per call
     bare_ms: float  # the network alone (CUDA events on the GPU)
     device_ms: float  # the whole call on the device lane: copies and conversions too
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _networks_denoise(model: str, denoise: float | None) -> float | None:

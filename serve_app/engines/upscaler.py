@@ -28,6 +28,7 @@ from torch import nn
 from serve_app.config import TileConfig
 from serve_app.engines.cuda_graphs import TimedCall
 from serve_app.engines.device import page_locked, page_locked_copy, upload, wait_for
+from serve_app.engines.interrupt import stopping_when
 from serve_app.engines.tiling import (
     TilePlan, cut_tiles, mod_pad, pad_right_bottom, plan_tiles, stitch, tile_side,
 )
@@ -205,9 +206,10 @@ class Upscaler:
         return self.forward_timed(batch)[0]
 
     @torch.inference_mode()
-    def forward_timed(self, batch: np.ndarray) -> tuple[np.ndarray, float]:
+    def forward_timed(self, batch: np.ndarray, stop: Callable[[], bool] | None = None) -> tuple[np.ndarray, float]:
         """``forward`` and the milliseconds the network alone took (CUDA events on the GPU), so a
-        server can tell its own overhead from the bare forward."""
+        server can tell its own overhead from the bare forward. On the CPU, the pass ends early
+        (``interrupt.Abandoned``) once ``stop()`` is true."""
         eight_bit = batch.dtype == np.uint8
         graph = self.eight_bit_graphs.get(batch.shape) if eight_bit else None
         if graph is not None:
@@ -220,10 +222,25 @@ class Upscaler:
             return host.numpy(), graph.forward_ms()
         x = upload(batch, self.device)
         x = self.from_bytes(x) if eight_bit else x.to(dtype=self.dtype, memory_format=self.memory_format)
-        with _stopwatch(self.device) as bare:
+        with _stopwatch(self.device) as bare, stopping_when(stop):
             y = self.run(x)
         y = to_bytes(y) if eight_bit else y.clamp_(0, 1)
         return _to_host(y), bare.ms
+
+    def seconds_per_pixel(self, least_s: float = 0.2, largest_side: int = 256) -> float:
+        """What one input pixel costs a plain pass, from passes over square inputs that double in
+        side until one lasts ``least_s``: how a CPU replica learns its speed at load in about a
+        second, rather than from its first (possibly minute-long) tile. The first, smallest pass
+        also warms the network up; small passes of a light network are mostly fixed cost, so the
+        last, longest pass gives the rate."""
+        side = 32
+        while True:
+            started = time.perf_counter()
+            self.forward(np.zeros((1, 3, side, side), np.float32))
+            seconds = time.perf_counter() - started
+            if seconds >= least_s or side >= largest_side:
+                return seconds / (side * side)
+            side *= 2
 
     def from_bytes(self, x: torch.Tensor) -> torch.Tensor:
         """8-bit network inputs as the network takes them: float32 first, then the network's
@@ -303,6 +320,7 @@ def load_upscaler(name: str, store, engine, *, denoise: float | None = None) -> 
     from serve_app.engines.compiled import CompiledNetwork, artifacts_path
     from serve_app.engines.dense_blocks import split_dense_blocks
     from serve_app.engines.device import resolve_compile, resolve_device, resolve_dtype
+    from serve_app.engines.interrupt import interruptible
     from serve_app.engines.networks import load_network
     from serve_app.weights.registry import get_spec
 
@@ -320,4 +338,6 @@ def load_upscaler(name: str, store, engine, *, denoise: float | None = None) -> 
                                        device=device, dtype=dtype, memory_format=upscaler.memory_format,
                                        artifacts=artifacts)
         upscaler.eight_bit_graphs = upscaler.run.timed_graphs(upscaler.from_bytes, to_bytes, torch.uint8)
+    elif device.type == "cpu":  # eager on the CPU, where one tile can take a minute
+        interruptible(network)
     return upscaler
