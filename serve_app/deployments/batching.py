@@ -2,9 +2,8 @@
 
 Why not ``@serve.batch``: in Ray 2.60 it forms a batch as soon as the first item's wait
 (``batch_wait_timeout_s``) ends and queues that batch behind the one running. Under load each
-batch then holds the few items that arrived in one short wait: on an H200 the upscaler ran
-batches of one tile at 16 concurrent requests, at half its throughput, while requests waited
-250 ms in the replica. Here the next batch is formed only when the previous one is done, so it
+batch then holds the few items that arrived in one short wait, and the upscaler ran batches
+of one tile under load at half its throughput. Here the next batch is formed only when the previous one is done, so it
 takes everything that queued meanwhile (up to ``max_batch_size``) and goes at once; only an
 item that finds the device idle waits, at most ``wait_s``, for company.
 
@@ -86,9 +85,7 @@ class DeviceBatcher(Generic[T, R]):
     async def _next_batch(self, backlog: bool) -> list[tuple[T, asyncio.Future]]:
         # Items that queued while the device ran the last batch go at once; only an item that
         # found the device idle waits, at most wait_s, for company. Waiting behind a backlog
-        # idles a device that has work: on an H100 at 61 upscale requests/s, a 5 ms wait before
-        # every batch left the GPU idle about 15% of the time, and the replica's p99 was 117 ms
-        # against 97 ms without it.
+        # would idle a device that has work, and lengthened the replica's tail when measured.
         await self._wait_for_arrival(None)
         batch = [self._waiting.popleft()]
         deadline = asyncio.get_running_loop().time() + (0.0 if backlog else self.wait_s)

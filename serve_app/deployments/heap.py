@@ -4,17 +4,15 @@
 (decoded pixels, tiles, the paste-back's float64 window, the encoded answer). By default glibc
 hands buffers over 128 KB back to the kernel when they are freed, or trims them off its heaps,
 so the next request's buffers are new pages, which the kernel faults in and zeroes one by one:
-7,400 page faults per paste-back of the one-face photo at x2, half its time (29 -> 14 ms;
-stitching a 256x256 x4 result 3.5 -> 0.3 ms; a 1024x1024 PNG encode 12 -> 9 ms; measured in a
-worker thread on the CPU). Keeping buffers under 32 MB in the heap, and up to 128 MB of freed
+about half the time of a paste-back or a stitch went to page faults. Keeping buffers under 32 MB in the heap, and up to 128 MB of freed
 memory at the top of each heap, makes the next request reuse them. Buffers of 32 MB and more
 (the largest pictures' float stitching and paste buffers) are still returned, so a replica
 keeps at most about 128 MB per heap beyond what it holds.
 
 ``freeze_heap``: a replica's heap after start-up holds millions of objects (torch, its
 compiler, Ray), all long-lived. CPython's oldest-generation collection walks every one of
-them: on an H100 host the upscaler replica's full collections took 0.3-1.6 s each, every 7-30 s
-while it served, and each one stalled every request the replica held. Freezing the start-up
+them: a serving replica's full collections took up to seconds each, every few tens of seconds,
+and each one stalled every request the replica held. Freezing the start-up
 heap moves it out of the collector's sight, so later collections walk only what requests
 allocate.
 """

@@ -1,9 +1,9 @@
 """Where a deployment's blocking work runs, so its event loop stays free.
 
 Device work (forward passes) goes to persistent threads, one per lane: CUDA libraries keep
-per-thread state (handles, workspaces), and the same forward measured 5.6x slower on a new
-thread per call and 1.3x slower in Serve's sync-method thread pool (bench/call_styles.py); a
-long-lived thread pays that set-up once. On CUDA each lane issues its work on a CUDA stream of
+per-thread state (handles, workspaces), so the same forward runs several times slower on a
+new thread per call and measurably slower in Serve's sync-method thread pool
+(bench/call_styles.py); a long-lived thread pays that set-up once. On CUDA each lane issues its work on a CUDA stream of
 its own, so two lanes' kernels run side by side on the GPU: the face replica detects faces in
 one lane while it restores others in the second, where two replicas sharing a GPU would take
 turns on it, process by process.

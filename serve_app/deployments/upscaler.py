@@ -76,8 +76,8 @@ class UpscalerDeployment:
             self.engines.preload([(name, None) for name in self.args.upscalers])
             freeze_heap()
 
-    # async, forwards on the device thread: in Serve's sync-method pool the same forward took
-    # 1.3x the GPU time, on a new thread per call 5.6x (bench/call_styles.py, H100).
+    # async, forwards on the device thread: Serve's sync-method pool, or a new thread per call,
+    # pays CUDA's per-thread set-up in GPU time (bench/call_styles.py measures it).
     async def forward(self, model: str, denoise: float | None, tiles: np.ndarray,
                       deadline: float | None = None) -> np.ndarray:
         """N x 3 x h x w network inputs of one request -> its N outputs (see ``Upscaler.forward``),

@@ -2,21 +2,18 @@
 
 Used for Real-ESRGAN's tiles and for the 512x512 aligned faces of GFPGAN and ParseNet.
 
-Compiling Real-ESRGAN x4plus at 256x256 fp16 took 62-72 s on an H100 and made the forward
-1.5x faster (53 -> 81 images/s at batch 8). The compiled kernels are saved with
-``torch.compiler.save_cache_artifacts`` beside the weights, so a restarted replica loads them
-instead (about 11 s measured) rather than paying the compile again.
+Compiling makes the forward about 1.5x faster but takes a minute or more per network, so the
+compiled kernels are saved with ``torch.compiler.save_cache_artifacts`` beside the weights and
+a restarted replica loads them instead of compiling again.
 
 The batch dimension is compiled as dynamic, so every batch size from 2 up shares one graph.
 Dynamo specialises a size of 1, so on the CPU a batch of one is padded to two rather than
 compiled twice.
 
 On CUDA every batch size from 1 to ``max_batch`` is then captured once as a CUDA graph and
-replayed (see ``cuda_graphs``): for x4plus a replay takes 0.5-0.6 ms of CPU where the
-compiled call took 12-14 ms, and gives the same bytes. A batch of one gets a graph of its own
-(13 ms on the H100 against 24 ms padded to two; 12 ms with cuDNN's timed choice of
-algorithms), worth one more compile: about 110 s for both on a fresh H100, which the saved
-artifacts spare later starts.
+replayed (see ``cuda_graphs``): a replay costs a small fraction of the compiled call's CPU
+time and gives the same bytes. A batch of one gets a graph of its own, since padding it to two
+nearly doubles its time; that is one more compile, which the saved artifacts spare later starts.
 """
 from __future__ import annotations
 
@@ -130,9 +127,8 @@ class CompiledNetwork:
 
 
 # The network is compiled for a normal tensor, and a tensor made in inference mode fails
-# Dynamo's guards: the call compiles it again. x4plus was compiled twice more at each start on
-# an H200 (17-19 s, the 8-bit graphs' conversions) and once more at its first call on a 2-core
-# CPU (10.8 s at 64x64 tiles). So the compiled network is only ever given normal tensors.
+# Dynamo's guards: the call would compile it again (seconds at every start). So the compiled
+# network is only ever given normal tensors.
 
 def normal_tensor(x: torch.Tensor) -> torch.Tensor:
     """``x``, copied into a normal tensor if it was made in inference mode."""
@@ -153,8 +149,7 @@ def with_normal_result(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[
 def cudnn_benchmark():
     """cuDNN times its convolution algorithms and keeps the fastest, for the graphs' warm-ups and
     captures only: a graph keeps the choice for good, while eager calls of other shapes would pay
-    a benchmark (and its workspace) per new shape. On an H100 it took x4plus's batch of one from
-    13.3 to 12.0 ms (batch 8: 76.3 to 75.5 ms)."""
+    a benchmark (and its workspace) per new shape. It helps the batch of one most."""
     cudnn = torch.backends.cudnn
     return cudnn.flags(enabled=cudnn.enabled, benchmark=True, benchmark_limit=cudnn.benchmark_limit,
                        deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32)

@@ -1,15 +1,15 @@
 """CUDA graphs: a call on a fixed input shape, captured once and then replayed.
 
 A network run from Python launches one kernel per operation, and the launching thread holds
-the GIL all along: about a thousand launches (12-14 ms of CPU) for compiled x4plus on an H100
-host, where a 512x512 picture's RetinaFace took 13.0 ms of its thread eager and 5.2 replayed. A replay launches them all in one call, so the GPU
-replicas' event loops keep the GIL to take in requests and hand back results.
+the GIL all along: about a thousand launches for compiled x4plus, milliseconds of CPU a batch.
+A replay launches them all in one call, so the GPU replicas' event loops keep the GIL to take
+in requests and hand back results.
 
 Captures and replays of one process take turns (``_TURNS``). For the whole of a capture,
 PyTorch holds the default CUDA generator in capture mode, and a replay in another thread of a
 graph that draws random numbers (GFPGAN's noise injection does) then fails with "Offset
 increment outside graph capture encountered unexpectedly": the face replica's detector lane
-captures while its restorer lane replays (H100, benchmark run n, first try).
+captures while its restorer lane replays.
 """
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ class TimedCall:
     """``finish(forward(prepare(x)))`` on one input shape as one CUDA graph (a ``CapturedCall``),
     with ``forward`` alone timed on the GPU: the graph itself records two events around it.
 
-    One launch instead of one per conversion: a batch of one x4plus tile spent about 0.5 ms
-    before its network, the GPU idle, with its 8-bit conversions launched one by one (H200).
+    One launch instead of one per conversion: launched one by one, a lone tile's 8-bit
+    conversions left the GPU idle before its network for a sizeable part of a millisecond.
     """
 
     def __init__(self, prepare: Callable, forward: Callable, finish: Callable, example: torch.Tensor,
@@ -153,9 +153,8 @@ class _SharedPoolCapture:
             self._pool, self._warm_up = torch.cuda.graph_pool_handle(), torch.cuda.Stream(example.device)
         graph = CapturedCall(forward, example, self._pool, self._warm_up)
         # The warm-up's blocks would stay cached for the side stream alone, apart from every
-        # other call's. (What bounds the peak is the size of the captured passes: on an H100,
-        # eight RetinaFace passes of up to 4 Mpx peaked at 1.54 GiB without graphs, 1.58 with
-        # graphs of the four up to 1 Mpx, 3.73 with graphs of all eight.)
+        # other call's. (What bounds the peak is the size of the captured passes, hence
+        # face_detect_graph_pixels: see docs/architecture.md.)
         with _TURNS:  # not while another thread captures
             torch.cuda.empty_cache()
         return graph

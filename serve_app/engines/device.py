@@ -43,7 +43,7 @@ def page_locked_copy(x: torch.Tensor) -> torch.Tensor:
     """``x`` (on CUDA) copied into page-locked host memory, queued on the current stream without
     waiting for it: read it once the stream has reached the copy. The blocks come from
     PyTorch's caching host allocator, so they are reused rather than faulted in anew (a fresh
-    pageable array of 8 x 1024 x 1024 outputs took 40 ms to receive on an H100 host)."""
+    pageable array of large outputs costs tens of milliseconds of page faults to receive)."""
     host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
     return host.copy_(x, non_blocking=True)
 
@@ -52,10 +52,10 @@ def page_locked(array: np.ndarray) -> torch.Tensor:
     """``array`` copied into page-locked host memory (PyTorch's caching host allocator keeps a
     block until the copies queued from it are done), to go to a GPU as one queued transfer.
     From pageable memory CUDA stages a copy through a buffer of its own while the calling thread
-    waits: 0.30 ms for a 256x256 8-bit tile on an H200 host, the GPU idle meanwhile."""
+    waits, the GPU idle meanwhile."""
     x = torch.from_numpy(array)
     staged = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-    # numpy's copy, on this thread: PyTorch's wakes its CPU thread pool, 0.28 ms for that tile
+    # numpy's copy, on this thread: PyTorch's would wake its CPU thread pool for a small tile
     np.copyto(staged.numpy(), array)
     return staged
 
@@ -76,9 +76,8 @@ def wait_for(done, expected_end: float | None) -> None:
 
     Where it is expected (``expected_end``, a ``time.perf_counter`` reading), sleep until
     shortly before then poll, letting other threads run between polls. CUDA's blocking sync
-    (``sleep_while_gpu_works``) resumed the thread 0.31-0.38 ms after 12 ms of GPU work, this
-    0.19-0.23 ms, in the same CPU time and with an event loop beside it as prompt (H200, a
-    probe), where waiting the whole call in a spin would keep a core busy. Work that runs past
+    (``sleep_while_gpu_works``) resumes the thread later than this does, for the same CPU time,
+    where waiting the whole call in a spin would keep a core busy. Work that runs past
     its expected end (a late start, another process's kernels) is waited for with the blocking
     sync again.
     """

@@ -14,17 +14,15 @@ class RetinaFaceDetector:
 
     It follows ``RetinaFace.detect_faces`` step for step (same network, priors, decoding and
     NMS, so the same answer), with three savings: the priors are built once per picture size
-    (facexlib rebuilds them in a Python loop per call, 11 ms at 512x512 on an H100 host), only
-    the rows over the threshold are decoded and copied off the device, and on CUDA the network
-    is replayed from a CUDA graph for batches whose shape recurs (``graphs`` of them kept, each
-    of at most ``graph_pixels`` pixels): on an H100 host one 512x512 picture took 13.0 ms of
-    the device lane's thread eager (launching kernels under the GIL, then waiting), 5.2 ms
-    replayed, and the outputs were bit-equal. A capture may take other cuDNN algorithms than a
-    plain call, though: on one H200 host the box and landmark offsets (up to 305) differed by
-    up to 0.42 under TF32, PyTorch's default for fp32 convolutions, and 0.0008 without it, with
-    the same detections. A shape's first pass of at most
-    ``first_sight_pixels`` pixels skips cuDNN (``without_cudnn``): photos come in every size,
-    and cuDNN's plans for a new one cost 50-160 ms more than the pass itself on H200 hosts.
+    (facexlib rebuilds them in a Python loop per call), only the rows over the threshold are
+    decoded and copied off the device, and on CUDA the network is replayed from a CUDA graph for
+    batches whose shape recurs (``graphs`` of them kept, each of at most ``graph_pixels``
+    pixels), which spares the device lane's thread most of its kernel launches under the GIL. A
+    capture may take other cuDNN algorithms than a plain call, so under TF32 (PyTorch's default
+    for fp32 convolutions) its offsets differ in the last digits, with the same detections. A
+    shape's first pass of at most ``first_sight_pixels`` pixels skips cuDNN
+    (``without_cudnn``): photos come in every size, and cuDNN's plans for a new one cost several
+    times the pass itself. The figures are in docs/architecture.md.
     """
 
     def __init__(self, network: nn.Module, threshold: float = 0.97, nms_threshold: float = 0.4, *,
@@ -82,9 +80,8 @@ class RetinaFaceDetector:
     def _first_pass(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``_network_outputs`` for a shape not seen before: on the twin that skips cuDNN, unless
         the pass is larger than ``first_sight_pixels``. Without cuDNN a convolution unfolds its
-        input (im2col), about 150 bytes a pixel at RetinaFace's first layers, and runs about 2.3
-        times as long (eight 512x512 pictures, H200: 27.6 against 12.0 ms), so for the largest
-        pictures a plan costs less than its absence."""
+        input (im2col), about 150 bytes a pixel at RetinaFace's first layers, and runs about twice
+        as long, so for the largest pictures a plan costs less than its absence."""
         small = batch.numel() <= 3 * self.first_sight_pixels  # 8-bit BGR: three values a pixel
         return self._network_outputs(batch, self._twin if small else None)
 

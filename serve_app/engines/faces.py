@@ -301,19 +301,16 @@ def load_face_engine(name: str, store, engine, *, max_faces: int = 20, detect_gr
                       face_by_face=face_by_face)
 
 
-# Restorer architectures that compile. RestoreFormer in fp16 failed to compile on an H100
-# (torch 2.11: "expected mat1 and mat2 to have the same dtype") while
-# it runs eager; it stays eager.
+# Restorer architectures that compile. RestoreFormer in fp16 fails to compile ("expected mat1
+# and mat2 to have the same dtype") while it runs eager; it stays eager.
 _COMPILED_RESTORERS = {"GFPGANv1Clean"}
 
 
 def _compiled(network: nn.Module, name: str, store, device: torch.device, dtype: torch.dtype) -> FaceNetwork:
     """``network`` compiled for one aligned face (a CUDA graph on the GPU); a batch goes face by
-    face. H100, benchmark run m: GFPGAN fp16 took 19.2 ms for one face eager (6.9 ms a face in
-    a batch of 8), 3.3 ms compiled, and 2.9 ms a face compiled in a batch of 8, so batching
-    gains little; its modulated convolutions group by the batch, so each batch size would be a
-    compile of its own. ParseNet (fp32) took 3.4 ms a face compiled this way, and 4.0-4.4 ms a
-    face compiled for batches of 2 to 8 (H100, a probe): one face at a time is the faster."""
+    face. Compiled, GFPGAN gains little from batching, and its modulated convolutions group by
+    the batch, so each batch size would be a compile of its own; ParseNet compiled face by face
+    is faster than compiled for batches (docs/architecture.md)."""
     from serve_app.engines.compiled import CompiledNetwork, artifacts_path
 
     artifacts = artifacts_path(store.config.resolved_cache_dir(), name, device, dtype, geo.FACE_SIZE)

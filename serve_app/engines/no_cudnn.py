@@ -2,10 +2,10 @@
 
 PyTorch asks cuDNN for a plan the first time a convolution meets an input shape: about 1 ms
 of CPU per convolution (its heuristics list every engine they know). RetinaFace has about
-seventy, so on H200 hosts the first pass of a new picture size took 59-178 ms, against 6-17
-ms once the plans existed (``python -m bench.detector_shapes``, runs p and q of 2026-11-29).
+seventy, so the first pass of a new picture size takes several times as long as the next.
 Photos come in every size. PyTorch's own convolutions (im2col and a matrix multiply) need no
-plan: through them the first pass of a single new picture took 7.6-13.9 ms (run q).
+plan, and a first pass through them costs about what a planned one does (figures in
+docs/architecture.md).
 
 ``without_cudnn`` makes a twin of a network for those passes: the same modules over the same
 parameters (no weight is copied), its 2-D convolutions calling PyTorch's kernels. The network
