@@ -251,7 +251,7 @@ def _whole_canvas_paste(canvas: np.ndarray, faces, masks, inverses) -> np.ndarra
 
 
 def test_faces_overlapping_or_over_the_edges_paste_as_over_the_whole_canvas(astronaut_bgr):
-    from serve_app.engines.faces import FoundFaces, paste_faces
+    from serve_app.cpu.paste import FoundFaces, paste_faces
 
     _, landmarks = geo.faces_of(ASTRONAUT_FACE)
     face, affine = geo.align_face(astronaut_bgr, landmarks[0])

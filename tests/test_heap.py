@@ -14,7 +14,7 @@ import numpy as np
 from bench.common import ASTRONAUT_FACE, photo
 from serve_app.deployments.heap import keep_freed_memory
 from serve_app.engines import face_geometry as geo
-from serve_app.engines.faces import FoundFaces, paste_faces
+from serve_app.cpu.paste import FoundFaces, paste_faces
 
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
 img = photo()

