@@ -165,7 +165,7 @@ def face_stage(store, name: str, device: str, batch: int, repeats: int, compile_
         outputs[key] = engine.restore([crop])[0]
         detection = detector_times(engine.detector, img, batch, repeats)
         engine.detector = known_face_detector(engine.detector)
-        whole = timed(lambda: engine.enhance(img, upscale=2), repeats)
+        whole = timed(lambda: engine.enhance(img, scale=2), repeats)
         # 8-bit faces in; 8-bit faces, or float64 paste masks, back in host memory
         results[key] = {"one_face_ms": 1e3 * one, "faces_per_s": batch / seconds, "face_ms": 1e3 * seconds / batch,
                         "paste_mask_one_face_ms": 1e3 * masks, **detection, "whole_image_ms": 1e3 * whole}

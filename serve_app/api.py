@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from serve_app.errors import InvalidOption
 from serve_app.weights.registry import DEFAULT_FACE_MODEL, DEFAULT_UPSCALER, MODELS
@@ -30,12 +30,14 @@ class RestoreOptions(BaseModel):
     def upscaler(self) -> str | None:
         return None if self.model == "none" else self.model
 
-    @property
-    def output_scale(self) -> float:
-        """``scale``, or the model's own (1 for faces only)."""
+    @model_validator(mode="after")
+    def _scale_defaults_to_the_models(self):
+        """``scale`` left out is the model's own (1 for faces only): one value from here on."""
         if self.upscaler is not None and self.upscaler not in MODELS:
-            raise InvalidOption(f"unknown model {self.upscaler!r}")
-        return self.scale or (MODELS[self.upscaler].scale if self.upscaler else 1)
+            raise ValueError(f"unknown model {self.upscaler!r}")
+        if self.scale is None:
+            self.scale = float(MODELS[self.upscaler].scale) if self.upscaler else 1.0
+        return self
 
 
 def parse_options(values: dict) -> RestoreOptions:

@@ -70,7 +70,7 @@ def reference(weights_dir, tmp_path, monkeypatch):
 
 def test_paste_back_matches_gfpganer_on_a_real_photo(engine, reference, photo, face_in_photo):
     engine.detector = answering(face_in_photo)
-    ours = engine.enhance(photo, upscale=2)
+    ours = engine.enhance(photo, scale=2)
     crops, faces, theirs = reference(face_in_photo).enhance(photo, paste_back=True)
     assert ours.faces_restored == 1 and ours.image.shape == (640, 640, 3)
     np.testing.assert_array_equal(ours.cropped_faces[0], crops[0])
@@ -82,8 +82,8 @@ def test_background_upsampler_callable_matches_gfpganer(engine, reference, store
     engine.detector = answering(face_in_photo)
     spec = get_spec("realesr-animevideov3")
     upscaler = load_upscaler(spec.name, store, CPU)
-    ours = engine.enhance(photo, upscale=2,
-                          background=lambda img, up: upscaler.upscale([img], outscale=up)[0])
+    ours = engine.enhance(photo, scale=2,
+                          background=lambda img, up: upscaler.upscale([img], scale=up)[0])
     bg = RealESRGANer(scale=4, model_path=str(weights_dir / spec.file.filename), model=build_network(spec),
                       tile=0, pre_pad=10, half=False, device=torch.device("cpu"))
     with contextlib.redirect_stdout(io.StringIO()):
@@ -114,12 +114,12 @@ def test_strength_blends_restored_and_original(engine, astronaut_bgr):
 def test_grayscale_16bit_and_alpha_keep_their_mode(engine, photo, face_in_photo):
     engine.detector = answering(face_in_photo)
     gray = cv2.cvtColor(photo, cv2.COLOR_BGR2GRAY)
-    out = engine.enhance(gray, upscale=2, background=lambda img, up: cv2.resize(img, None, fx=up, fy=up))
+    out = engine.enhance(gray, scale=2, background=lambda img, up: cv2.resize(img, None, fx=up, fy=up))
     assert out.image.shape == (640, 640) and out.faces_restored == 1
-    wide = engine.enhance(photo.astype(np.uint16) * 257, upscale=1)
+    wide = engine.enhance(photo.astype(np.uint16) * 257, scale=1)
     assert wide.image.dtype == np.uint16 and wide.image.max() > 255
     bgra = np.dstack([photo, np.full(photo.shape[:2], 77, np.uint8)])
-    out = engine.enhance(bgra, upscale=1)
+    out = engine.enhance(bgra, scale=1)
     assert out.image.shape == (320, 320, 4) and (out.image[:, :, 3] == 77).all()
 
 
@@ -264,7 +264,7 @@ def test_faces_overlapping_or_over_the_edges_paste_as_over_the_whole_canvas(astr
     faces = [np.roll(face, 40 * i, axis=1) for i in range(len(affines))]
     found = FoundFaces([face] * len(affines), affines, len(affines))
     for picture in (astronaut_bgr, (astronaut_bgr.astype(np.uint16) * 257)):
-        ours = paste_faces(picture, found, faces, [mask] * len(faces), upscale=2).image
+        ours = paste_faces(picture, found, faces, [mask] * len(faces), scale=2).image
         canvas = cv2.resize(picture, (1024, 1024), interpolation=cv2.INTER_LANCZOS4)
         scaled = faces if picture.dtype == np.uint8 else [f.astype(np.float32) * (65535.0 / 255.0) for f in faces]
         expected = _whole_canvas_paste(canvas, scaled, [mask] * len(faces),

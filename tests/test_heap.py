@@ -26,7 +26,7 @@ mask = geo.parse_mask(parsing)
 
 def faults_of_one_paste():
     before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
-    paste_faces(img, FoundFaces([crop], [affine], 1), [crop], [mask], upscale=2)
+    paste_faces(img, FoundFaces([crop], [affine], 1), [crop], [mask], scale=2)
     return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
 
 with ThreadPoolExecutor(2) as pool:

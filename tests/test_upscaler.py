@@ -53,7 +53,7 @@ def test_untiled_matches_realesrganer_x4plus(store, weights_dir, small_photo, va
 ])
 def test_other_models_match_realesrganer(store, weights_dir, small_photo, name, denoise, outscale):
     img = small_photo[:39, :55]
-    ours = load_upscaler(name, store, UNTILED, denoise=denoise).upscale([img], outscale=outscale)[0]
+    ours = load_upscaler(name, store, UNTILED, denoise=denoise).upscale([img], scale=outscale)[0]
     theirs = _reference(name, weights_dir, img, outscale=outscale, denoise=denoise)
     assert ours.shape == theirs.shape
     assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1

@@ -37,32 +37,32 @@ class FaceResult:
         return self.faces_detected - self.faces_restored
 
 
-def face_canvas(image: np.ndarray, *, upscale: float = 2, background: np.ndarray | None = None) -> np.ndarray:
-    """What the faces of ``image`` are pasted onto: the picture resized by ``upscale``, or
+def face_canvas(image: np.ndarray, *, scale: float = 2, background: np.ndarray | None = None) -> np.ndarray:
+    """What the faces of ``image`` are pasted onto: the picture resized by ``scale``, or
     ``background`` (the picture already upscaled by a network) brought to that size, as GFPGANer
     makes it. It needs no face, so a server makes it while the faces are restored."""
     if background is None:
-        return lanczos_upscale(image, upscale)  # GFPGANer's cv2.resize, byte for byte, in less time
+        return lanczos_upscale(image, scale)  # GFPGANer's cv2.resize, byte for byte, in less time
     h, w = image.shape[:2]
-    return cv2.resize(background, (int(w * upscale), int(h * upscale)), interpolation=cv2.INTER_LANCZOS4)
+    return cv2.resize(background, (int(w * scale), int(h * scale)), interpolation=cv2.INTER_LANCZOS4)
 
 
 def paste_faces(image: np.ndarray, found: FoundFaces, restored: list[np.ndarray], masks: list[np.ndarray],
-                *, upscale: float = 2, aligned: bool = False, canvas: np.ndarray | None = None) -> FaceResult:
+                *, scale: float = 2, aligned: bool = False, canvas: np.ndarray | None = None) -> FaceResult:
     """Paste restored faces into ``canvas``, in place, as GFPGANer does (by default the canvas is
-    ``face_canvas(image, upscale=upscale)``; aligned: the one restored face is the result).
+    ``face_canvas(image, scale=scale)``; aligned: the one restored face is the result).
     Pure CPU: no network needed."""
     if aligned:
         return FaceResult(restored[0], found.faces_detected, 1, found.crops, restored)
     if canvas is None:
-        canvas = face_canvas(image, upscale=upscale)
+        canvas = face_canvas(image, scale=scale)
     if restored:
-        canvas = _paste(canvas, found, restored, masks, upscale)
+        canvas = _paste(canvas, found, restored, masks, scale)
     return FaceResult(canvas, found.faces_detected, len(restored), found.crops, restored)
 
 
 def _paste(canvas: np.ndarray, found: FoundFaces, restored: list[np.ndarray], masks: list[np.ndarray],
-           upscale: float) -> np.ndarray:
+           scale: float) -> np.ndarray:
     dtype, gray = canvas.dtype, canvas.ndim == 2
     # The canvas's colour channels, pasted in place (a grey canvas: a BGR copy, turned back at the end)
     colour = cv2.cvtColor(canvas, cv2.COLOR_GRAY2BGR) if gray else canvas[:, :, :3]
@@ -71,7 +71,7 @@ def _paste(canvas: np.ndarray, found: FoundFaces, restored: list[np.ndarray], ma
     face_range = 65535.0 / 255.0 if dtype == np.uint16 else 1.0
     placed = []
     for face, mask, affine in zip(restored, masks, found.affines):
-        inverse = geo.inverse_affine(affine, upscale)
+        inverse = geo.inverse_affine(affine, scale)
         patch = geo.face_patch(mask, inverse, size)
         if patch is not None:
             placed.append((face if face_range == 1.0 else face.astype(np.float32) * face_range, patch, inverse))

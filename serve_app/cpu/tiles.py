@@ -39,7 +39,7 @@ class UpscaleJob:
     width: int
     planes: list[_Plane]
     alpha: np.ndarray | None  # float alpha in [0, 1] when it is resized without the network
-    outscale: float
+    scale: float
 
     def inputs(self) -> list[np.ndarray]:
         return [x for plane in self.planes for x in plane.inputs]
@@ -60,18 +60,18 @@ class TilePlanner:
         self.scale, self.tile = scale, tile
 
     # ------------------------------------------------------------------ step 1 (CPU)
-    def prepare(self, img: np.ndarray, *, outscale: float | None = None,
+    def prepare(self, img: np.ndarray, *, scale: float | None = None,
                 alpha_upsampler: AlphaUpsampler = "realesrgan") -> UpscaleJob:
         if alpha_upsampler not in ALPHA_UPSAMPLERS:
             raise ValueError(f"alpha_upsampler must be one of {ALPHA_UPSAMPLERS}")
         if img.dtype not in (np.uint8, np.uint16):
             raise ValueError(f"expected uint8 or uint16 pixels, got {img.dtype}")
         height, width = img.shape[:2]
-        outscale = float(outscale) if outscale is not None else float(self.scale)
+        scale = float(scale) if scale is not None else float(self.scale)
         if img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3:
             # 8-bit colour travels as 8-bit: a quarter of the bytes of float32 each way, and the
             # device scales and rounds exactly as upstream does on the CPU (see Upscaler.forward).
-            return UpscaleJob("BGR", img.dtype, height, width, [self._plane(img[:, :, ::-1])], None, outscale)
+            return UpscaleJob("BGR", img.dtype, height, width, [self._plane(img[:, :, ::-1])], None, scale)
         max_range = 65535.0 if img.dtype == np.uint16 else 255.0
         pixels = img.astype(np.float32) / max_range
         alpha = None
@@ -85,7 +85,7 @@ class TilePlanner:
         if alpha is not None and alpha_upsampler == "realesrgan":
             planes.append(self._plane(cv2.cvtColor(alpha, cv2.COLOR_GRAY2RGB)))
             alpha = None
-        return UpscaleJob(mode, img.dtype, height, width, planes, alpha, outscale)
+        return UpscaleJob(mode, img.dtype, height, width, planes, alpha, scale)
 
     def _plane(self, rgb: np.ndarray) -> _Plane:
         chw = np.ascontiguousarray(rgb.transpose(2, 0, 1))
@@ -128,10 +128,10 @@ class TilePlanner:
         return self._resize(job, (image * max_range).round().astype(job.dtype))
 
     def _resize(self, job: UpscaleJob, result: np.ndarray) -> np.ndarray:
-        if job.outscale == float(self.scale):
+        if job.scale == float(self.scale):
             return result
         # As upstream: Lanczos from the network's scale to the asked one.
-        size = (int(job.width * job.outscale), int(job.height * job.outscale))
+        size = (int(job.width * job.scale), int(job.height * job.scale))
         return cv2.resize(result, size, interpolation=cv2.INTER_LANCZOS4)
 
     def _assemble(self, plane: _Plane, outputs: list[np.ndarray]) -> np.ndarray:

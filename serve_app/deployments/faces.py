@@ -12,7 +12,6 @@ deployment's work.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections import Counter
 from typing import Callable
@@ -23,40 +22,24 @@ from ray import serve
 from serve_app.config import AppArgs, RuntimeConfig
 from serve_app.cpu.paste import FoundFaces
 from serve_app.deployments.batching import Abandoned, Deliver, DeviceBatcher, group_indices
-from serve_app.deployments.gpu import StepTimes, cap_gpu_memory, gpu_memory, gpu_waits, sleep_while_gpu_works
-from serve_app.deployments.heap import freeze_heap, keep_freed_memory
-from serve_app.deployments.logs import quiet_client_errors
-from serve_app.deployments.models import EngineCache
-from serve_app.deployments.threads import Workers
-from serve_app.engines.device import resolve_device
+from serve_app.deployments.gpu_replica import GpuReplica
 from serve_app.engines.faces import FaceEngine, load_face_engine
 from serve_app.errors import InvalidOption, RequestTimeout
-from serve_app.weights import WeightsStore
 
-log = logging.getLogger("ray.serve")
 _DETECT, _RESTORE = 0, 1  # the device lanes
 
 
 @serve.deployment
-class FaceDeployment:
+class FaceDeployment(GpuReplica):
+    engine_name = "GFPGAN"
+
     def __init__(self, args: AppArgs):
-        keep_freed_memory()
-        quiet_client_errors()
-        sleep_while_gpu_works()  # before PyTorch makes its CUDA context
-        self.args, self.store = args, WeightsStore(args.weights)
-        self.runtime = RuntimeConfig()
-        self.engines = EngineCache(self._load, retry_interval_s=args.weights.retry_interval_s)
+        super().__init__(args, device_lanes=2)
         self.batch_sizes: dict[str, Counter[int]] = {"detect": Counter(), "restore": Counter()}
-        self.times = StepTimes()
         self.detections = DeviceBatcher(self._detect_batch, self.runtime.face_batch_size,
                                         self.runtime.face_batch_wait_s)
         self.faces = DeviceBatcher(self._restore_batch, self.runtime.face_batch_size, self.runtime.face_batch_wait_s)
-        self.workers = Workers(device_lanes=2)
-        self.device = resolve_device(args.device)
-        self.memory_fraction = cap_gpu_memory(self.device, self.runtime.gpu_memory_fraction)
-        log.info("GFPGAN deployment on %s", self.device)
-        self.engines.preload([(name,) for name in args.face_models])
-        freeze_heap()
+        self._start()
 
     def _load(self, name: str) -> FaceEngine:
         runtime = self.runtime
@@ -66,18 +49,17 @@ class FaceDeployment:
                                 detect_first_sight_pixels=runtime.face_detect_batch_pixels,
                                 share_with=self.engines.any_loaded())
 
-    def reconfigure(self, user_config: dict) -> None:
-        runtime = RuntimeConfig.model_validate(user_config)
-        # Engines hold their number format, compiled networks and graphs, and face cap.
-        reload = _engine_settings(runtime) != _engine_settings(self.runtime)
-        self.runtime = runtime
-        self.memory_fraction = cap_gpu_memory(self.device, runtime.gpu_memory_fraction)
+    def _offered(self) -> list[tuple]:
+        return [(name,) for name in self.args.face_models]
+
+    def _engine_settings(self, runtime: RuntimeConfig) -> tuple:
+        # engines hold their number format, compiled networks and graphs, and face cap
+        return (runtime.precision, runtime.compile, runtime.limits.max_faces, runtime.face_detect_graphs,
+                runtime.face_detect_graph_pixels, runtime.face_detect_batch_pixels)
+
+    def _apply(self, runtime: RuntimeConfig) -> None:
         for batcher in (self.detections, self.faces):
             batcher.max_batch_size, batcher.wait_s = runtime.face_batch_size, runtime.face_batch_wait_s
-        if reload:
-            self.engines.clear()
-            self.engines.preload([(name,) for name in self.args.face_models])
-            freeze_heap()
 
     def check(self, face_model: str) -> None:
         """Refuse at once (WeightsUnavailable) a face model this replica could not load."""
@@ -156,22 +138,14 @@ class FaceDeployment:
                                       done, abandoned, lane=_RESTORE)
 
     async def stats(self) -> dict:
-        self.engines.start_retries()
-        return {"device": str(self.device), "failures": self.engines.failures,
-                "batch_sizes": {step: dict(sizes) for step, sizes in self.batch_sizes.items()},
-                "times": self.times.summary(), "gpu_memory": gpu_memory(self.device, self.memory_fraction),
-                "gpu_waits": gpu_waits()}
+        return {**self._replica_stats(),
+                "batch_sizes": {step: dict(sizes) for step, sizes in self.batch_sizes.items()}}
 
     async def reset_stats(self) -> None:
         """Forget counts and times (the benchmark measures each load level on its own)."""
         for sizes in self.batch_sizes.values():
             sizes.clear()
         self.times.clear()
-
-
-def _engine_settings(runtime: RuntimeConfig) -> tuple:
-    return (runtime.precision, runtime.compile, runtime.limits.max_faces, runtime.face_detect_graphs,
-            runtime.face_detect_graph_pixels, runtime.face_detect_batch_pixels)
 
 
 def restore_and_mask(engine: FaceEngine, crops: list[np.ndarray], strength: float, paste: bool,

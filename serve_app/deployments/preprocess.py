@@ -96,7 +96,7 @@ class PreprocessDeployment:
 
     async def _restore(self, pixels: np.ndarray, options: RestoreOptions, timings: dict,
                        deadline: float | None) -> Restored:
-        scale = options.output_scale
+        scale = options.scale
         out_pixels = int(pixels.shape[0] * scale) * int(pixels.shape[1] * scale)
         if out_pixels > self.runtime.limits.max_output_pixels:
             raise TooManyPixels(f"the result would be {out_pixels} pixels; the limit is "
@@ -109,15 +109,15 @@ class PreprocessDeployment:
             elif options.upscaler is None:
                 raise InvalidOption("model 'none' restores faces only: set face_enhance=true")
             else:
-                out, faces = await self._upscale(pixels, options, options.scale, timings, deadline), 0
+                out, faces = await self._upscale(pixels, options, timings, deadline), 0
         return Restored(out, out.shape[1], out.shape[0], mode_of(out), faces, timings)
 
-    async def _upscale(self, pixels: np.ndarray, options: RestoreOptions, outscale: float | None,
-                       timings: dict, deadline: float | None) -> np.ndarray:
+    async def _upscale(self, pixels: np.ndarray, options: RestoreOptions, timings: dict,
+                       deadline: float | None) -> np.ndarray:
         model = options.upscaler
         planner = TilePlanner(get_spec(model).scale, self.runtime.tile)
         with _timed(timings, "tiles"):
-            job = await self.workers.cpu(planner.prepare, pixels, outscale=outscale,
+            job = await self.workers.cpu(planner.prepare, pixels, scale=options.scale,
                                          alpha_upsampler=options.alpha_upsampler)
         outputs = await self.upscaler.forward.remote(model, options.denoise, np.stack(job.inputs()), deadline)
         with _timed(timings, "stitch"):
@@ -125,7 +125,6 @@ class PreprocessDeployment:
 
     async def _faces(self, pixels: np.ndarray, options: RestoreOptions, timings: dict,
                      deadline: float | None) -> tuple[np.ndarray, int]:
-        upscale = options.output_scale
         work = await self.workers.cpu(to_bgr8, pixels)
         faces = asyncio.ensure_future(self.faces.restore.remote(
             work, options.face_model, options.face_strength, options.only_center_face, options.aligned, deadline))
@@ -134,7 +133,7 @@ class PreprocessDeployment:
         # replica refuses (its weights missing, say) stops the background at once.
         steps = [faces]
         if not options.aligned:
-            steps.append(asyncio.ensure_future(self._canvas(pixels, options, upscale, timings, deadline)))
+            steps.append(asyncio.ensure_future(self._canvas(pixels, options, timings, deadline)))
         try:
             await asyncio.wait(steps, return_when=asyncio.FIRST_EXCEPTION)
             for step in steps:
@@ -145,17 +144,17 @@ class PreprocessDeployment:
             for step in steps:  # after a failure or our own cancellation, nothing goes on without us
                 step.cancel()
         with _timed(timings, "paste"):
-            result = await self.workers.cpu(paste_faces, pixels, found, restored, masks, upscale=upscale,
+            result = await self.workers.cpu(paste_faces, pixels, found, restored, masks, scale=options.scale,
                                             aligned=options.aligned, canvas=canvas[0] if canvas else None)
         return result.image, result.faces_restored
 
-    async def _canvas(self, pixels: np.ndarray, options: RestoreOptions, upscale: float, timings: dict,
+    async def _canvas(self, pixels: np.ndarray, options: RestoreOptions, timings: dict,
                       deadline: float | None) -> np.ndarray:
         background = None
         if options.upscaler is not None:
-            background = await self._upscale(pixels, options, upscale, timings, deadline)
+            background = await self._upscale(pixels, options, timings, deadline)
         with _timed(timings, "canvas"):
-            return await self.workers.cpu(face_canvas, pixels, upscale=upscale, background=background)
+            return await self.workers.cpu(face_canvas, pixels, scale=options.scale, background=background)
 
 
 def _check_deadline(deadline: float | None) -> None:

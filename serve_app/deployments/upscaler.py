@@ -6,56 +6,37 @@ little besides feeding the GPU.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import time
 from collections import Counter
 from typing import NamedTuple
 
 import numpy as np
-import ray
 from ray import serve
 
 from serve_app.config import AppArgs, RuntimeConfig
 from serve_app.deployments.admission import Admission
 from serve_app.deployments.batching import Abandoned, Deliver, DeviceBatcher, group_indices
-from serve_app.deployments.gpu import (
-    StepTimes, cap_gpu_memory, gpu_memory, gpu_waits, sleep_while_gpu_works, timed_call,
-)
-from serve_app.deployments.heap import freeze_heap, keep_freed_memory
-from serve_app.deployments.models import EngineCache
-from serve_app.deployments.logs import quiet_client_errors
-from serve_app.deployments.threads import Workers
-from serve_app.engines.device import resolve_device
+from serve_app.deployments.gpu import timed_call
+from serve_app.deployments.gpu_replica import GpuReplica
 from serve_app.engines.interrupt import Abandoned as PassAbandoned
 from serve_app.engines.upscaler import Upscaler, load_upscaler
 from serve_app.errors import RequestTimeout, TooMuchWork
-from serve_app.weights import WeightsStore, get_spec
-
-log = logging.getLogger("ray.serve")
+from serve_app.weights import get_spec
 
 
 @serve.deployment
-class UpscalerDeployment:
+class UpscalerDeployment(GpuReplica):
+    engine_name = "Real-ESRGAN"
+
     def __init__(self, args: AppArgs):
-        keep_freed_memory()
-        quiet_client_errors()
-        sleep_while_gpu_works()  # before PyTorch makes its CUDA context
-        self.args, self.store = args, WeightsStore(args.weights)
-        self.runtime = RuntimeConfig()
+        super().__init__(args)
         self.admission = Admission(self.runtime.request_timeout_s)
-        self.engines = EngineCache(self._load, retry_interval_s=args.weights.retry_interval_s)
         self.batch_sizes: Counter[int] = Counter()
         self.abandoned_passes = 0  # passes stopped or skipped because their requests were gone
-        self.times = StepTimes()
         self.batcher = DeviceBatcher(self._forward_batch, self.runtime.tile.batch_size,
                                      self.runtime.upscaler_batch_wait_s)
-        self.workers = Workers()
-        self.device = resolve_device(args.device)
-        self.memory_fraction = cap_gpu_memory(self.device, self.runtime.gpu_memory_fraction)
-        log.info("Real-ESRGAN deployment on %s", self.device)
-        self.engines.preload([(name, None) for name in args.upscalers])
-        freeze_heap()
+        self._start()
 
     def _load(self, name: str, denoise: float | None) -> Upscaler:
         engine = load_upscaler(name, self.store, self.runtime.engine(self.args.device), denoise=denoise)
@@ -63,18 +44,15 @@ class UpscalerDeployment:
             self.admission.learn((name, denoise), 1, engine.seconds_per_pixel())
         return engine
 
-    def reconfigure(self, user_config: dict) -> None:
-        runtime = RuntimeConfig.model_validate(user_config)
-        reload = (runtime.tile, runtime.precision, runtime.compile) != (
-            self.runtime.tile, self.runtime.precision, self.runtime.compile)
-        self.runtime = runtime
+    def _offered(self) -> list[tuple]:
+        return [(name, None) for name in self.args.upscalers]
+
+    def _engine_settings(self, runtime: RuntimeConfig) -> tuple:
+        return runtime.tile, runtime.precision, runtime.compile
+
+    def _apply(self, runtime: RuntimeConfig) -> None:
         self.admission.request_timeout_s = runtime.request_timeout_s
-        self.memory_fraction = cap_gpu_memory(self.device, runtime.gpu_memory_fraction)
         self.batcher.max_batch_size, self.batcher.wait_s = runtime.tile.batch_size, runtime.upscaler_batch_wait_s
-        if reload:  # engines hold their tile shape, number format and compiled kernels
-            self.engines.clear()
-            self.engines.preload([(name, None) for name in self.args.upscalers])
-            freeze_heap()
 
     # async, forwards on the device thread: Serve's sync-method pool, or a new thread per call,
     # pays CUDA's per-thread set-up in GPU time (bench/call_styles.py measures it).
@@ -156,13 +134,9 @@ class UpscalerDeployment:
                 deliver(i, _Tile(y, (started, group), bare_ms, device_ms))
 
     async def stats(self) -> dict:
-        self.engines.start_retries()
-        return {"device": str(self.device), "failures": self.engines.failures, "pid": os.getpid(),
-                "node_id": ray.get_runtime_context().get_node_id(),
-                "batch_sizes": dict(self.batch_sizes), "times": self._times(),
-                "abandoned_passes": self.abandoned_passes, "admitted_work_s": self.admission.outstanding_s,
-                "gpu_memory": gpu_memory(self.device, self.memory_fraction), "gpu_waits": gpu_waits(),
-                "runtime": self.runtime.model_dump(mode="json")}
+        return {**self._replica_stats(), "pid": os.getpid(), "batch_sizes": dict(self.batch_sizes),
+                "times": self._times(), "abandoned_passes": self.abandoned_passes,
+                "admitted_work_s": self.admission.outstanding_s}
 
     def _times(self) -> dict:
         times = self.times.summary()

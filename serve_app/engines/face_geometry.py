@@ -66,11 +66,11 @@ def align_face(img: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray, np.n
     return crop, affine
 
 
-def inverse_affine(affine: np.ndarray, upscale: float) -> np.ndarray:
+def inverse_affine(affine: np.ndarray, scale: float) -> np.ndarray:
     """From the aligned crop back into the upscaled picture (with facexlib's half-pixel offset)."""
-    inverse = cv2.invertAffineTransform(affine) * upscale
-    if upscale > 1:
-        inverse[:, 2] += 0.5 * upscale
+    inverse = cv2.invertAffineTransform(affine) * scale
+    if scale > 1:
+        inverse[:, 2] += 0.5 * scale
     return inverse
 
 

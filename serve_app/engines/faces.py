@@ -66,7 +66,7 @@ class FaceEngine:
         # for one face): then a batch saves nothing, and a server can hand out each face alone.
         self.face_by_face = face_by_face
 
-    def enhance(self, image: np.ndarray, *, upscale: float = 2, only_center_face: bool = False,
+    def enhance(self, image: np.ndarray, *, scale: float = 2, only_center_face: bool = False,
                 aligned: bool = False, strength: float = 1.0,
                 background: Background | None = None) -> FaceResult:
         """The whole path on any decoded picture (grey, BGR or BGRA; 8 or 16 bit)."""
@@ -75,9 +75,9 @@ class FaceEngine:
         masks = self.paste_masks(restored) if restored and not aligned else []
         if aligned:
             return paste_faces(image, found, restored, masks, aligned=True)
-        base = background(image, upscale) if background is not None else None
-        canvas = face_canvas(image, upscale=upscale, background=base)
-        return paste_faces(image, found, restored, masks, upscale=upscale, canvas=canvas)
+        base = background(image, scale) if background is not None else None
+        canvas = face_canvas(image, scale=scale, background=base)
+        return paste_faces(image, found, restored, masks, scale=scale, canvas=canvas)
 
     # ------------------------------------------------------------------ step 1 (detector)
     def find(self, work: np.ndarray, *, only_center_face: bool = False, aligned: bool = False) -> FoundFaces:

@@ -45,10 +45,10 @@ class Upscaler:
         # 8-bit tiles in, 8-bit outputs out, each batch shape one CUDA graph (``load_upscaler``)
         self.eight_bit_graphs: dict[tuple, TimedCall] = {}
 
-    def upscale(self, images: list[np.ndarray], *, outscale: float | None = None,
+    def upscale(self, images: list[np.ndarray], *, scale: float | None = None,
                 alpha_upsampler: AlphaUpsampler = "realesrgan") -> list[np.ndarray]:
         """Restore a list of images (HxW, HxWx3 BGR or HxWx4 BGRA; uint8 or uint16): the whole path."""
-        jobs = [self.planner.prepare(img, outscale=outscale, alpha_upsampler=alpha_upsampler) for img in images]
+        jobs = [self.planner.prepare(img, scale=scale, alpha_upsampler=alpha_upsampler) for img in images]
         outputs = self.forward_all([x for job in jobs for x in job.inputs()])
         results = []
         for job in jobs:
