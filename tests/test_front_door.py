@@ -237,8 +237,11 @@ def test_slow_uploads_get_408_and_do_not_starve_normal_clients(launched, small_p
         await writer.drain()
         answer = b""
         for _ in range(BODY_TIMEOUT_S * 4):
-            writer.write(b"\0")  # a byte a second
-            await writer.drain()
+            try:
+                writer.write(b"\0")  # a byte a second
+                await writer.drain()
+            except ConnectionError:  # answered and closed: the answer is still to read
+                pass
             try:
                 answer = await asyncio.wait_for(reader.read(4096), 1.0)
             except asyncio.TimeoutError:
@@ -247,13 +250,19 @@ def test_slow_uploads_get_408_and_do_not_starve_normal_clients(launched, small_p
                 break
             if answer:
                 break
-        while answer and not answer.endswith(b"}"):  # the JSON body may come in a second read
-            more = await asyncio.wait_for(reader.read(4096), 5.0)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        while answer and len(body) < length:  # the JSON body may come in a later read
+            try:
+                more = await asyncio.wait_for(reader.read(4096), 5.0)
+            except (asyncio.TimeoutError, ConnectionError):
+                break
             if not more:
                 break
-            answer += more
+            body += more
         writer.close()
-        return answer
+        return head.split(b"\r\n")[0] + b" " + body
 
     async def normal(http) -> list[float]:
         waits = []
@@ -271,9 +280,8 @@ def test_slow_uploads_get_408_and_do_not_starve_normal_clients(launched, small_p
 
     waits, *answers = asyncio.run(main())
     assert max(waits) < 10, waits  # normal clients served while 300 slow ones trickle
-    slow = [a for a in answers if a.startswith(b"HTTP/1.1 408")]
-    assert len(slow) >= 250, [a[:40] for a in answers[:5]]
-    assert b'"error":"body_timeout"' in slow[0]
+    timed_out = [a for a in answers if a.startswith(b"HTTP/1.1 408") and b'"error":"body_timeout"' in a]
+    assert len(timed_out) >= 250, sorted({a[:60] for a in answers if a not in timed_out})
 
 
 def test_wrong_methods_request_ids_and_one_line_logs(launched):
