@@ -119,3 +119,6 @@ class Draining(Overloaded):
 
 class RequestTimeout(RestoreError):
     status, code = 504, "timeout"
+
+    def __init__(self, detail: str = "the request took longer than the service's request timeout"):
+        super().__init__(detail)

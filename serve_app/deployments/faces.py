@@ -61,12 +61,6 @@ class FaceDeployment(GpuReplica):
         for batcher in (self.detections, self.faces):
             batcher.max_batch_size, batcher.wait_s = runtime.face_batch_size, runtime.face_batch_wait_s
 
-    def check(self, face_model: str) -> None:
-        """Refuse at once (WeightsUnavailable) a face model this replica could not load."""
-        self.engines.start_retries()
-        self.args.check_offered(face_model=face_model)
-        self.engines.get(face_model)
-
     async def restore(self, work: np.ndarray, face_model: str, strength: float = 1.0,
                       only_center_face: bool = False, aligned: bool = False, deadline: float | None = None
                       ) -> tuple[FoundFaces, list[np.ndarray], list[np.ndarray]]:
@@ -75,13 +69,15 @@ class FaceDeployment(GpuReplica):
         ``deadline`` (a ``time.time()``), its faces then dropped from the batches to come."""
         if not 0.0 <= strength <= 1.0:  # here, before it can fail a batch shared with others
             raise InvalidOption(f"face_strength must be in [0, 1], not {strength}")
-        self.check(face_model)
+        self.engines.start_retries()
+        self.args.check_offered(face_model=face_model)
+        self.engines.get(face_model)  # a model that could not load is refused here, before any batch
         timeout = None if deadline is None else deadline - time.time()
         try:
             return await asyncio.wait_for(self._restore(work, face_model, strength, only_center_face, aligned),
                                           timeout)
         except asyncio.TimeoutError:
-            raise RequestTimeout("the request took longer than the service's request timeout") from None
+            raise RequestTimeout() from None
 
     async def _restore(self, work: np.ndarray, face_model: str, strength: float, only_center_face: bool,
                        aligned: bool) -> tuple[FoundFaces, list[np.ndarray], list[np.ndarray]]:

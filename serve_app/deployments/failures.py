@@ -20,7 +20,7 @@ def typed_error(exc: BaseException) -> BaseException:
             return ReplicaLost("a replica was lost while it held this request (its node may have gone); "
                                "retry: Serve is replacing it")
         if isinstance(exc, asyncio.TimeoutError):
-            return RequestTimeout("the request took longer than the service's request timeout")
+            return RequestTimeout()
         cause = getattr(exc, "cause", None)
         if cause is None or cause is exc:
             return exc

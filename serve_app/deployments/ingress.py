@@ -44,6 +44,9 @@ class Ingress:
         # The GPU deployments' handles serve /healthz only; requests go through the CPU deployment.
         self.args, self.store, self.runtime = args, WeightsStore(args.weights), RuntimeConfig()
         self.preprocess, self.upscaler, self.faces = preprocess, upscaler, faces
+        self.routes: dict[str, dict[str, Callable[[Request], Awaitable[Response]]]] = {
+            "/v1/restore": {"POST": self._http_restore}, "/inference": {"POST": self._http_legacy_inference},
+            "/v1/models": {"GET": self._http_models}, "/healthz": {"GET": self._http_healthz}}
         self.in_flight = 0  # requests of this replica inside the graph now
         # model -> (why, until when): models a GPU replica said it cannot load, refused here at
         # once until its next background retry
@@ -58,7 +61,7 @@ class Ingress:
         started = time.perf_counter()
         path, method, error_code = request.url.path, request.method, None
         try:
-            methods = self._routes.get(path)
+            methods = self.routes.get(path)
             if methods is None:
                 raise NotFound(f"no route {path}")
             if method not in methods:
@@ -81,11 +84,6 @@ class Ingress:
                 f" {error_code}" if error_code else "", elapsed_ms,
                 extra={"status": response.status_code, "error_code": error_code})
         return response
-
-    @property
-    def _routes(self) -> dict[str, dict[str, Callable[[Request], Awaitable[Response]]]]:
-        return {"/v1/restore": {"POST": self._http_restore}, "/inference": {"POST": self._http_legacy_inference},
-                "/v1/models": {"GET": self._http_models}, "/healthz": {"GET": self._http_healthz}}
 
     async def _http_restore(self, request: Request) -> Response:
         self._check_room()  # before reading a body that would be refused anyway
@@ -172,7 +170,7 @@ class Ingress:
             return await asyncio.wait_for(response, timeout)
         except asyncio.TimeoutError:
             response.cancel()
-            raise RequestTimeout("the request took longer than the service's request timeout") from None
+            raise RequestTimeout() from None
         except Exception as exc:
             error = typed_error(exc)
             if isinstance(error, WeightsUnavailable) and error.model:

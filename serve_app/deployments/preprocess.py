@@ -2,8 +2,9 @@
 
 Header limits and the one decode; cutting tiles and stitching them back; pasting faces; the one
 encode. Everything it runs is numpy and OpenCV (``serve_app.imageio``, ``serve_app.cpu``): the
-process never imports torch. Several of these replicas run beside each GPU replica, so this work is spread over the
-node's cores while the GPU replicas only feed their GPU, and the ingress never handles pixels.
+process never imports torch. Several of these replicas run beside each GPU replica, so this
+work is spread over the node's cores while the GPU replicas only feed their GPU, and the
+ingress never handles pixels.
 """
 from __future__ import annotations
 

@@ -76,7 +76,7 @@ class UpscalerDeployment(GpuReplica):
             tiles_done.add_done_callback(_retrieve)  # cancelled with its request: nothing to log
             done: list[_Tile] = await asyncio.wait_for(tiles_done, timeout)
         except asyncio.TimeoutError:  # its tiles are dropped, and a pass that only they need stops
-            raise RequestTimeout("the request took longer than the service's request timeout") from None
+            raise RequestTimeout() from None
         finally:
             self.admission.release(cost)
         calls = {tile.call: (tile.bare_ms, tile.device_ms) for tile in done}  # its device calls, each once
