@@ -19,10 +19,12 @@ import numpy as np
 import torch
 
 from bench.common import ASTRONAUT_FACE, known_face_detector, photo, psnr, timed
-from serve_app.config import EngineConfig, RuntimeConfig, TileConfig
+from serve_app.api import RestoreOptions
+from serve_app.config import AppArgs, EngineConfig, TileConfig
 from serve_app.engines import face_geometry as geo
 from serve_app.engines.face_detection import RetinaFaceDetector
 from serve_app.engines.faces import load_face_engine
+from serve_app.engines.local import LocalNetworks, restore_image
 from serve_app.engines.networks import build_network
 from serve_app.engines.upscaler import load_upscaler
 from serve_app.weights import get_spec
@@ -117,7 +119,9 @@ def upscaler_stage(store, name: str, device: str, tile: int, batch: int, repeats
         seconds = timed(lambda: bare_ms.append(engine.forward_timed(tiles)[1]), repeats)
         bare_seconds = float(np.median(bare_ms)) / 1e3
         flops = flops_per_tile(engine, tile) * batch
-        outputs[key] = engine.upscale([img])[0]
+        networks = LocalNetworks(store, config)
+        networks.upscalers[name, None] = engine
+        outputs[key] = restore_image(img, RestoreOptions(model=name), networks).pixels
         results[key] = {
             # the network alone (CUDA events): the GPU stage against the roofline
             "bare_tiles_per_s": batch / bare_seconds, "bare_tflops": flops / bare_seconds / 1e12,
@@ -153,19 +157,22 @@ def face_stage(store, name: str, device: str, batch: int, repeats: int, compile_
     img = photo()
     crop, _ = geo.align_face(img, geo.faces_of(ASTRONAUT_FACE)[1][0])
     results, outputs = {}, {}
-    runtime = RuntimeConfig()
+    defaults = AppArgs()
     for key, precision, compile_mode in _variants(device, compile_too):
-        engine = load_face_engine(name, store, EngineConfig(device=device, precision=precision, compile=compile_mode),
-                                  detect_graphs=runtime.face_detect_graphs,
-                                  detect_graph_pixels=runtime.face_detect_graph_pixels,
-                                  detect_first_sight_pixels=runtime.face_detect_batch_pixels)
+        config = EngineConfig(device=device, precision=precision, compile=compile_mode)
+        engine = load_face_engine(name, store, config, detect_graphs=defaults.face_detect_graphs,
+                                  detect_graph_pixels=defaults.face_detect_graph_pixels,
+                                  detect_first_sight_pixels=defaults.face_detect_batch_pixels)
         one = timed(lambda: engine.restore([crop]), repeats)
         seconds = timed(lambda: engine.restore([crop] * batch), repeats)
         masks = timed(lambda: engine.paste_masks([crop]), repeats)
         outputs[key] = engine.restore([crop])[0]
         detection = detector_times(engine.detector, img, batch, repeats)
         engine.detector = known_face_detector(engine.detector)
-        whole = timed(lambda: engine.enhance(img, scale=2), repeats)
+        networks = LocalNetworks(store, config)
+        networks.face_engines[name] = engine
+        options = RestoreOptions(model="none", face_enhance=True, face_model=name, scale=2)
+        whole = timed(lambda: restore_image(img, options, networks), repeats)
         # 8-bit faces in; 8-bit faces, or float64 paste masks, back in host memory
         results[key] = {"one_face_ms": 1e3 * one, "faces_per_s": batch / seconds, "face_ms": 1e3 * seconds / batch,
                         "paste_mask_one_face_ms": 1e3 * masks, **detection, "whole_image_ms": 1e3 * whole}

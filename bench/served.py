@@ -76,12 +76,11 @@ def _config(folder: Path, cache: Path, tile: int, batch: int, cpu_replicas: int,
     app = config["applications"][0]
     app["import_path"] = "bench.served:build_bench_app"
     app["logging_config"]["log_level"] = "WARNING"
-    app["args"].update(upscalers=["RealESRGAN_x4plus"], face_models=["GFPGANv1.4"])
+    app["args"].update(upscalers=["RealESRGAN_x4plus"], face_models=["GFPGANv1.4"], compile=compile_mode)
+    app["args"]["tile"].update(size=tile, batch_size=batch)
     app["args"]["weights"] = {"folder": str(folder), "cache_dir": str(cache), "download": False}
     for d in app["deployments"]:
         d["user_config"] = copy.deepcopy(d["user_config"])  # one YAML anchor: one shared dict
-        d["user_config"]["tile"].update(size=tile, batch_size=batch)
-        d["user_config"]["compile"] = compile_mode
         gpus = d["ray_actor_options"]["num_gpus"]
         d["user_config"]["gpu_memory_fraction"] = gpus * card_fraction if card_fraction and gpus else None
         if d["name"] == "PreprocessDeployment":

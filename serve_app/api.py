@@ -16,7 +16,8 @@ class RestoreOptions(BaseModel):
 
     model: str = Field(default=DEFAULT_UPSCALER, description="A Real-ESRGAN model, or 'none' for faces only.")
     scale: float | None = Field(default=None, gt=0, le=8, description="Output scale; default the model's.")
-    denoise: float | None = Field(default=None, ge=0, le=1, description="realesr-general-x4v3 only.")
+    denoise: float | None = Field(default=None, ge=0, le=1, description="realesr-general-x4v3 only: "
+                                  "1 is its plain network, lower blends in its denoising twin.")
     face_enhance: bool = False
     face_model: str = DEFAULT_FACE_MODEL
     face_strength: float = Field(default=1.0, ge=0, le=1)
@@ -35,8 +36,16 @@ class RestoreOptions(BaseModel):
         """``scale`` left out is the model's own (1 for faces only): one value from here on."""
         if self.upscaler is not None and self.upscaler not in MODELS:
             raise ValueError(f"unknown model {self.upscaler!r}")
+        if self.upscaler is None and not self.face_enhance:
+            raise ValueError("model 'none' restores faces only: set face_enhance=true")
         if self.scale is None:
             self.scale = float(MODELS[self.upscaler].scale) if self.upscaler else 1.0
+        # The value that selects a network: only a model with a denoising twin blends, as in the
+        # official script; 1 is the plain network, and values are rounded to bound the networks kept.
+        if self.upscaler is None or MODELS[self.upscaler].denoise_twin is None or self.denoise == 1:
+            self.denoise = None
+        elif self.denoise is not None:
+            self.denoise = round(self.denoise, 2)
         return self
 
 

@@ -73,6 +73,11 @@ class TileConfig(_Strict):
 
 
 class EngineConfig(_Strict):
+    """How an engine is built: its device, number format, compiled form and tile shape. These live
+    as long as a replica's engines, so the service takes them as builder arguments (changing them
+    redeploys replicas, as any new ``args`` do), never as ``user_config``: the CPU replicas cut
+    the tiles the GPU replicas were built for, and an engine is compiled once, at start."""
+
     device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     precision: Precision = Field(default="auto", description="auto: fp16 on CUDA, fp32 on CPU.")
     compile: CompileMode = Field(default="auto", description="torch.compile the upscaler's full tiles "
@@ -87,9 +92,6 @@ class RuntimeConfig(_Strict):
     the part it needs (serve_config.yaml shares one YAML anchor between them)."""
 
     limits: LimitsConfig = LimitsConfig()
-    tile: TileConfig = TileConfig()
-    precision: Precision = "auto"
-    compile: CompileMode = "auto"
     # Both waits default to none: a wait delays every lone request and measured no better tail
     # under load (docs/performance.md).
     upscaler_batch_wait_s: float = Field(default=0.0, ge=0, le=1, description="How long a tile that "
@@ -98,18 +100,6 @@ class RuntimeConfig(_Strict):
     face_batch_size: int = Field(default=8, gt=0)
     face_batch_wait_s: float = Field(default=0.0, ge=0, le=1, description="The same for the face "
                                      "replica's detector and restorer batches.")
-    face_detect_batch_pixels: int = Field(default=4 * 1024 * 1024, gt=0, description="Pixels the face "
-                                          "detector takes in one pass (bounds its GPU memory with large "
-                                          "photos); also the largest pass that, the first time its shape "
-                                          "comes, runs without cuDNN rather than wait for cuDNN's plans.")
-    face_detect_graphs: int = Field(default=16, ge=0, description="Batch shapes (picture size and "
-                                    "count) whose face detection is replayed from a CUDA graph where "
-                                    "the engines compile: the most recently used are kept, and a shape "
-                                    "gets its graph when it comes a second time. 0: none.")
-    face_detect_graph_pixels: int = Field(default=1024 * 1024, ge=0, description="Largest detector pass "
-                                          "(pixels of all its pictures) replayed from a graph; larger ones "
-                                          "run plainly, where launches are a small part of the time and a "
-                                          "graph would hold their memory besides the plain calls'.")
     request_timeout_s: float = Field(default=120.0, gt=0, description="A request's whole time in the "
                                      "graph, queues included; past it, 504 timeout and its work stops.")
     max_in_flight: int = Field(default=64, gt=0, description="Requests one ingress replica passes into "
@@ -125,18 +115,27 @@ class RuntimeConfig(_Strict):
         default=None, gt=0, le=1, description="Cap on a GPU replica's share of its card's memory; "
         "default: its num_gpus, so replicas sharing a card cannot starve each other.")
 
-    def engine(self, device: str) -> EngineConfig:
-        return EngineConfig(device=device, precision=self.precision, compile=self.compile, tile=self.tile)
 
-
-class AppArgs(_Strict):
-    """The builder's arguments (the ``args:`` of serve_config.yaml): what the graph is made of."""
+class AppArgs(EngineConfig):
+    """The builder's arguments (the ``args:`` of serve_config.yaml): what the graph is made of and
+    how its engines are built, the same for every deployment."""
 
     weights: WeightsConfig = WeightsConfig()
-    device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'cuda:N' for the model deployments.")
     upscalers: list[str] = Field(default_factory=lambda: ["RealESRGAN_x4plus"],
                                  description="Real-ESRGAN models the service offers.")
     face_models: list[str] = Field(default_factory=lambda: ["GFPGANv1.4"])
+    face_detect_batch_pixels: int = Field(default=4 * 1024 * 1024, gt=0, description="Pixels the face "
+                                          "detector takes in one pass (bounds its GPU memory with large "
+                                          "photos); also the largest pass that, the first time its shape "
+                                          "comes, runs without cuDNN rather than wait for cuDNN's plans.")
+    face_detect_graphs: int = Field(default=16, ge=0, description="Batch shapes (picture size and "
+                                    "count) whose face detection is replayed from a CUDA graph where "
+                                    "the engines compile: the most recently used are kept, and a shape "
+                                    "gets its graph when it comes a second time. 0: none.")
+    face_detect_graph_pixels: int = Field(default=1024 * 1024, ge=0, description="Largest detector pass "
+                                          "(pixels of all its pictures) replayed from a graph; larger ones "
+                                          "run plainly, where launches are a small part of the time and a "
+                                          "graph would hold their memory besides the plain calls'.")
 
     def check_offered(self, *, upscaler: str | None = None, face_model: str | None = None) -> None:
         """Refuse (InvalidOption) an upscaler or face model that this service does not offer."""

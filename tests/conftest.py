@@ -11,6 +11,7 @@ import torch
 from skimage import data
 
 import serve_app  # noqa: F401  (installs the torchvision shim before any basicsr import)
+from serve_app.api import Restored, RestoreOptions
 from serve_app.config import WeightsConfig
 from serve_app.engines.networks import build_network
 from serve_app.weights import WeightsStore, get_spec
@@ -73,6 +74,14 @@ def small_photo(astronaut_bgr) -> np.ndarray:
 ASTRONAUT_FACE = np.array(
     [[150, 40, 300, 230, 0.99, 200, 110, 250, 110, 225, 140, 205, 170, 245, 170]], np.float32
 )
+
+
+def restore_with(networks, pixels: np.ndarray, **options) -> Restored:
+    """``pixels`` restored by the service's one orchestration of a request, with ``networks``
+    (``serve_app.engines.local.LocalNetworks``) in this process."""
+    from serve_app.engines.local import restore_image
+
+    return restore_image(pixels, RestoreOptions(**options), networks)
 
 
 def has_cuda_driver() -> bool:

@@ -10,9 +10,11 @@ import torch
 from skimage import data
 from torch._dynamo.utils import counters as dynamo_counters
 
+from conftest import restore_with
 from serve_app.config import EngineConfig, TileConfig, WeightsConfig
+from serve_app.cpu.tiles import TilePlanner
 from serve_app.engines.compiled import normal_tensor, with_normal_result
-from serve_app.engines.upscaler import load_upscaler
+from serve_app.engines.local import LocalNetworks
 from serve_app.weights import WeightsStore
 
 TILE = TileConfig(size=64, pad=8, blend=4, batch_size=2)
@@ -39,13 +41,15 @@ def _psnr(a, b):
 def test_compiled_matches_eager_on_a_real_photo_and_a_restart_reuses_its_kernels(tmp_path):
     # The real RealESRGAN_x4plus weights (the ncnn copy, converted), as the service would load them.
     store = WeightsStore(WeightsConfig(cache_dir=tmp_path, download=False))
-    eager = load_upscaler("RealESRGAN_x4plus", store, EngineConfig(device="cpu", compile="off", tile=TILE))
-    compiled = load_upscaler("RealESRGAN_x4plus", store, EngineConfig(device="cpu", compile="on", tile=TILE))
+    eager = LocalNetworks(store, EngineConfig(device="cpu", compile="off", tile=TILE))
+    compiled = LocalNetworks(store, EngineConfig(device="cpu", compile="on", tile=TILE))
+    compiled.upscaler("RealESRGAN_x4plus")
     photo = cv2.resize(cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR), (112, 112), interpolation=cv2.INTER_AREA)
-    job = eager.planner.prepare(photo)
+    job = TilePlanner(4, TILE).prepare(photo)
     assert len(job.inputs()) % 2 == 1  # a batch of one goes through the padded path too
     compiled_before = dict(dynamo_counters["stats"])
-    ours, reference = compiled.upscale([photo])[0], eager.upscale([photo])[0]
+    ours = restore_with(compiled, photo, model="RealESRGAN_x4plus").pixels
+    reference = restore_with(eager, photo, model="RealESRGAN_x4plus").pixels
     assert dict(dynamo_counters["stats"]) == compiled_before  # compiled at load; the calls compile nothing more
     psnr = _psnr(ours, reference)
     print(f"compiled vs eager fp32 on the photo: {psnr:.1f} dB")

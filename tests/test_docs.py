@@ -11,7 +11,7 @@ def test_the_configuration_page_lists_every_setting_and_no_other():
     listed = {line.split("`")[1] for line in page.splitlines() if line.startswith("| `")}
     fields = set()
     for model, prefix in ((AppArgs, "args."), (WeightsConfig, "args.weights."), (RuntimeConfig, ""),
-                          (TileConfig, "tile."), (LimitsConfig, "limits.")):
+                          (TileConfig, "args.tile."), (LimitsConfig, "limits.")):
         fields |= {prefix + name for name in model.model_fields}
     assert listed == fields, (sorted(fields - listed), sorted(listed - fields))
 

@@ -8,13 +8,13 @@ import torch
 from gfpgan import GFPGANer
 from realesrgan import RealESRGANer
 
-from conftest import ASTRONAUT_FACE
+from conftest import ASTRONAUT_FACE, restore_with
 from serve_app.config import EngineConfig, TileConfig
 from serve_app.engines import face_geometry as geo
 from serve_app.engines.face_detection import RetinaFaceDetector, prior_boxes
 from serve_app.engines.faces import load_face_engine
+from serve_app.engines.local import LocalNetworks
 from serve_app.engines.networks import build_network
-from serve_app.engines.upscaler import load_upscaler
 from serve_app.weights import get_spec
 
 CPU = EngineConfig(device="cpu", tile=TileConfig(size=0))
@@ -30,6 +30,18 @@ def engine(store):
     face_engine = load_face_engine("GFPGANv1.4", store, CPU, max_faces=2)
     face_engine.detector = answering(ASTRONAUT_FACE)  # random RetinaFace weights find nothing real
     return face_engine
+
+
+@pytest.fixture(scope="module")
+def networks(engine, store):
+    """The engine above behind the service's orchestration (upscalers loaded as asked, untiled)."""
+    local = LocalNetworks(store, CPU, max_faces=2)
+    local.face_engines["GFPGANv1.4"] = engine
+    return local
+
+
+def _faces_only(networks, image, **options):
+    return restore_with(networks, image, model="none", face_enhance=True, **options)
 
 
 def _two_crops(astronaut_bgr):
@@ -68,36 +80,35 @@ def reference(weights_dir, tmp_path, monkeypatch):
     return make
 
 
-def test_paste_back_matches_gfpganer_on_a_real_photo(engine, reference, photo, face_in_photo):
+def test_paste_back_matches_gfpganer_on_a_real_photo(engine, networks, reference, photo, face_in_photo):
     engine.detector = answering(face_in_photo)
-    ours = engine.enhance(photo, scale=2)
+    found, restored, _ = engine.restore_found(photo)
+    ours = _faces_only(networks, photo, scale=2)
     crops, faces, theirs = reference(face_in_photo).enhance(photo, paste_back=True)
-    assert ours.faces_restored == 1 and ours.image.shape == (640, 640, 3)
-    np.testing.assert_array_equal(ours.cropped_faces[0], crops[0])
-    np.testing.assert_array_equal(ours.restored_faces[0], faces[0])
-    np.testing.assert_array_equal(ours.image, theirs)  # on the CPU the paste masks are OpenCV's too
+    assert ours.faces == 1 and ours.pixels.shape == (640, 640, 3)
+    np.testing.assert_array_equal(found.crops[0], crops[0])
+    np.testing.assert_array_equal(restored[0], faces[0])
+    np.testing.assert_array_equal(ours.pixels, theirs)  # on the CPU the paste masks are OpenCV's too
 
 
-def test_background_upsampler_callable_matches_gfpganer(engine, reference, store, weights_dir, photo, face_in_photo):
+def test_background_upsampler_matches_gfpganer(engine, networks, reference, weights_dir, photo, face_in_photo):
     engine.detector = answering(face_in_photo)
     spec = get_spec("realesr-animevideov3")
-    upscaler = load_upscaler(spec.name, store, CPU)
-    ours = engine.enhance(photo, scale=2,
-                          background=lambda img, up: upscaler.upscale([img], scale=up)[0])
+    ours = restore_with(networks, photo, model=spec.name, face_enhance=True, scale=2)
     bg = RealESRGANer(scale=4, model_path=str(weights_dir / spec.file.filename), model=build_network(spec),
                       tile=0, pre_pad=10, half=False, device=torch.device("cpu"))
     with contextlib.redirect_stdout(io.StringIO()):
         _, _, theirs = reference(face_in_photo, bg_upsampler=bg).enhance(photo, paste_back=True)
-    assert np.abs(ours.image.astype(int) - theirs.astype(int)).max() <= 1
+    assert np.abs(ours.pixels.astype(int) - theirs.astype(int)).max() <= 1
 
 
-def test_aligned_input_matches_gfpganer(engine, reference, astronaut_bgr):
+def test_aligned_input_matches_gfpganer(networks, reference, astronaut_bgr):
     boxes, landmarks = geo.faces_of(ASTRONAUT_FACE)
     crop, _ = geo.align_face(astronaut_bgr, landmarks[0])  # a real aligned 512x512 face
-    ours = engine.enhance(crop, aligned=True)
+    ours = _faces_only(networks, crop, aligned=True)
     _, faces, pasted = reference(ASTRONAUT_FACE).enhance(crop, has_aligned=True)
-    assert pasted is None and ours.image.shape == (512, 512, 3)
-    np.testing.assert_array_equal(ours.image, faces[0])
+    assert pasted is None and ours.pixels.shape == (512, 512, 3)
+    np.testing.assert_array_equal(ours.pixels, faces[0])
 
 
 def test_strength_blends_restored_and_original(engine, astronaut_bgr):
@@ -111,16 +122,16 @@ def test_strength_blends_restored_and_original(engine, astronaut_bgr):
         engine.restore([crop], strength=1.5)
 
 
-def test_grayscale_16bit_and_alpha_keep_their_mode(engine, photo, face_in_photo):
+def test_grayscale_16bit_and_alpha_keep_their_mode(engine, networks, photo, face_in_photo):
     engine.detector = answering(face_in_photo)
     gray = cv2.cvtColor(photo, cv2.COLOR_BGR2GRAY)
-    out = engine.enhance(gray, scale=2, background=lambda img, up: cv2.resize(img, None, fx=up, fy=up))
-    assert out.image.shape == (640, 640) and out.faces_restored == 1
-    wide = engine.enhance(photo.astype(np.uint16) * 257, scale=1)
-    assert wide.image.dtype == np.uint16 and wide.image.max() > 255
+    out = restore_with(networks, gray, model="realesr-animevideov3", face_enhance=True, scale=2)
+    assert out.pixels.shape == (640, 640) and out.faces == 1
+    wide = _faces_only(networks, photo.astype(np.uint16) * 257)
+    assert wide.pixels.dtype == np.uint16 and wide.pixels.max() > 255
     bgra = np.dstack([photo, np.full(photo.shape[:2], 77, np.uint8)])
-    out = engine.enhance(bgra, scale=1)
-    assert out.image.shape == (320, 320, 4) and (out.image[:, :, 3] == 77).all()
+    out = _faces_only(networks, bgra)
+    assert out.pixels.shape == (320, 320, 4) and (out.pixels[:, :, 3] == 77).all()
 
 
 def test_face_cap_keeps_the_largest_faces(engine, astronaut_bgr):
@@ -133,13 +144,14 @@ def test_face_cap_keeps_the_largest_faces(engine, astronaut_bgr):
 
 
 def test_real_retinaface_and_restoreformer_run(store, astronaut_bgr):
-    engine = load_face_engine("RestoreFormer", store, CPU)
+    networks = LocalNetworks(store, CPU)
+    engine = networks.face_engine("RestoreFormer")
     detections = engine.detector([astronaut_bgr])[0]  # the real detector path, random weights
     assert detections.ndim == 2 and detections.shape[1] in (0, 15)
     _, landmarks = geo.faces_of(ASTRONAUT_FACE)
     crop, _ = geo.align_face(astronaut_bgr, landmarks[0])
-    out = engine.enhance(crop, aligned=True)
-    assert out.image.shape == (512, 512, 3) and out.image.dtype == np.uint8
+    out = _faces_only(networks, crop, face_model="RestoreFormer", aligned=True)
+    assert out.pixels.shape == (512, 512, 3) and out.pixels.dtype == np.uint8
 
 
 def _unit_columns(detections, like):

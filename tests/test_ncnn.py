@@ -8,9 +8,10 @@ import pytest
 import torch
 from skimage import data
 
+from conftest import restore_with
 from serve_app.config import EngineConfig, TileConfig, WeightsConfig
+from serve_app.engines.local import LocalNetworks
 from serve_app.engines.networks import build_network
-from serve_app.engines.upscaler import load_upscaler
 from serve_app.errors import WeightsCorrupt
 from serve_app.weights import WeightsStore, get_spec, ncnn_source
 from serve_app.weights.ncnn_convert import convert
@@ -134,10 +135,10 @@ def _sharpness(img):
 
 def test_real_photo_restored_with_converted_x4plus_is_sharper_than_bicubic(tmp_path):
     store = WeightsStore(WeightsConfig(cache_dir=tmp_path, download=False))
-    engine = load_upscaler("RealESRGAN_x4plus", store, EngineConfig(device="cpu", tile=TileConfig(size=0)))
+    networks = LocalNetworks(store, EngineConfig(device="cpu", tile=TileConfig(size=0)))
     original = cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR)
     small = cv2.resize(original, (128, 128), interpolation=cv2.INTER_AREA)
-    ours = engine.upscale([small])[0]
+    ours = restore_with(networks, small, model="RealESRGAN_x4plus").pixels
     bicubic = cv2.resize(small, (512, 512), interpolation=cv2.INTER_CUBIC)
     print(f"PSNR ours {_psnr(ours, original):.2f} dB, bicubic {_psnr(bicubic, original):.2f} dB; "
           f"Laplacian variance ours {_sharpness(ours):.0f}, bicubic {_sharpness(bicubic):.0f}")

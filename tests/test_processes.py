@@ -6,8 +6,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # A replica imports its deployment's module (Serve pickles the class by reference), not the builder.
-CPU_SIDE = ["serve_app.imageio", "serve_app.cpu.tiles", "serve_app.cpu.paste", "serve_app.api",
-            "serve_app.deployments.preprocess", "serve_app.deployments.ingress"]
+CPU_SIDE = ["serve_app.imageio", "serve_app.cpu.tiles", "serve_app.cpu.paste", "serve_app.cpu.restore",
+            "serve_app.api", "serve_app.deployments.preprocess", "serve_app.deployments.ingress"]
 
 
 def _loaded_after_importing(modules: list[str]) -> set[str]:

@@ -26,17 +26,16 @@ from ray import serve
 from ray.cluster_utils import Cluster
 from ray.serve.schema import ServeDeploySchema
 
-from conftest import ASTRONAUT_FACE, has_cuda_driver
+from conftest import ASTRONAUT_FACE, has_cuda_driver, restore_with
 from serve_app.config import EngineConfig, TileConfig
 from serve_app.engines import face_geometry as geo
-from serve_app.engines.upscaler import load_upscaler
+from serve_app.engines.local import LocalNetworks
 
 ROOT = Path(__file__).resolve().parent.parent
 URL = "http://127.0.0.1:8000"
 DASHBOARD = "http://127.0.0.1:8265"
+TEST_TILE = {"size": 64, "pad": 8, "blend": 4, "batch_size": 8}  # not the default: built (and compiled) once
 TEST_RUNTIME = {
-    "precision": "auto",
-    "tile": {"size": 64, "pad": 8, "blend": 4, "batch_size": 8},
     "upscaler_batch_wait_s": 0.1,  # long enough on 2 CPU cores for concurrent tiles to meet
     "face_batch_size": 8,
     "face_batch_wait_s": 0.2,
@@ -51,7 +50,7 @@ def _config(weights_dir: Path, cache: Path, runtime: dict) -> dict:
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     app = config["applications"][0]
     app["args"].update(device="cpu", upscalers=["realesr-animevideov3", "RealESRGAN_x4plus", "RealESRNet_x4plus"],
-                       face_models=["GFPGANv1.4"])
+                       face_models=["GFPGANv1.4"], tile=TEST_TILE)
     app["args"]["weights"] = {"folder": str(weights_dir), "cache_dir": str(cache), "download": False}
     config["proxy_location"] = "HeadOnly"  # the simulated nodes share one machine and its port 8000
     deployments = {d["name"]: d for d in app["deployments"]}
@@ -175,7 +174,8 @@ def test_serve_config_validates_with_rays_own_schema():
     for name in ("UpscalerDeployment", "FaceDeployment"):
         d = deployments[name]
         assert d.ray_actor_options.num_gpus > 0 and d.ray_actor_options.num_cpus > 0
-        batch = d.user_config["tile"]["batch_size"] if name == "UpscalerDeployment" else d.user_config["face_batch_size"]
+        batch = config["applications"][0]["args"]["tile"]["batch_size"] if name == "UpscalerDeployment" \
+            else d.user_config["face_batch_size"]
         assert d.max_ongoing_requests >= batch  # otherwise batches never fill
         # one GPU replica takes every call the CPU replicas can have in flight: a call left in
         # a caller's router waits there with backoff while the GPU idles
@@ -190,6 +190,15 @@ def test_gpu_deployments_share_the_logical_gpu(client):
     assert health.status_code == 503 and "RealESRNet_x4plus" in health.json()["models"]  # offered, no file
     assert ray.cluster_resources()["GPU"] == 1
     assert ray.available_resources().get("GPU", 0) == pytest.approx(0.5)  # 0.25 upscaler + 0.25 faces held
+
+
+def test_the_configured_tile_builds_each_engine_once(client):
+    # TEST_TILE is not the default: settings that build engines are builder arguments, so a
+    # replica starts with them rather than building with defaults and again on reconfigure.
+    for name in ("UpscalerDeployment", "FaceDeployment"):
+        stats = serve.get_deployment_handle(name, "restore").stats.remote().result()
+        assert stats["engine"]["tile"] == {**TEST_TILE, "pre_pad": 10}
+        assert stats["engine_builds"] and set(stats["engine_builds"].values()) == {1}, stats["engine_builds"]
 
 
 def test_raw_multipart_and_json_bodies(client, small_photo):
@@ -211,19 +220,21 @@ def test_raw_multipart_and_json_bodies(client, small_photo):
     assert jpeg.headers["content-type"] == "image/jpeg"  # JPEG in, JPEG out by default
 
 
+def _local(store, picture, model):
+    """The same picture restored in this process, by the same orchestration, with the served tiles."""
+    networks = LocalNetworks(store, EngineConfig(device="cpu", tile=TileConfig(**TEST_TILE)))
+    return restore_with(networks, picture, model=model).pixels
+
+
 def test_served_output_equals_the_engine(client, store, small_photo):
     served = _image(client.post("/v1/restore", params={"model": "RealESRGAN_x4plus"}, content=_png(small_photo)))
-    tile = TileConfig(**TEST_RUNTIME["tile"])
-    local = load_upscaler("RealESRGAN_x4plus", store, EngineConfig(device="cpu", tile=tile)).upscale([small_photo])[0]
-    np.testing.assert_array_equal(served, local)
+    np.testing.assert_array_equal(served, _local(store, small_photo, "RealESRGAN_x4plus"))
 
 
 def test_a_large_png_answer_deflated_on_two_threads_equals_the_engine(client, store, astronaut_bgr):
     picture = np.ascontiguousarray(astronaut_bgr[:160, :160])  # 640x640 out: its PNG deflated in halves
     served = _image(client.post("/v1/restore", params={"model": "realesr-animevideov3"}, content=_png(picture)))
-    tile = TileConfig(**TEST_RUNTIME["tile"])
-    local = load_upscaler("realesr-animevideov3", store, EngineConfig(device="cpu", tile=tile)).upscale([picture])[0]
-    np.testing.assert_array_equal(served, local)
+    np.testing.assert_array_equal(served, _local(store, picture, "realesr-animevideov3"))
 
 
 def test_faces_through_the_graph(client, astronaut_bgr):
@@ -505,7 +516,9 @@ def test_reconfigure_applies_without_restarting_replicas(deployed, client, small
     big = _png(np.ascontiguousarray(astronaut_bgr[:100, :100]))  # 10000 pixels
     _wait_for(lambda: upscaler.stats.remote().result()["runtime"]["upscaler_batch_wait_s"] == 0.02, 60,
               "the upscaler's reconfigure")
-    assert upscaler.stats.remote().result()["pid"] == before["pid"]  # the same replica, reconfigured
+    after = upscaler.stats.remote().result()
+    assert after["pid"] == before["pid"]  # the same replica, reconfigured
+    assert after["engine_builds"] == before["engine_builds"]  # its engines kept
     _wait_for(lambda: client.post("/v1/restore", content=big).status_code == 413, 60, "the new pixel limit")
 
     def times_out():  # each ingress replica takes the new timeout in its own time: until then, a 200

@@ -7,12 +7,18 @@ import pytest
 import torch
 from realesrgan import RealESRGANer
 
+from conftest import restore_with
 from serve_app.config import EngineConfig, TileConfig
+from serve_app.cpu.tiles import TilePlanner
+from serve_app.engines.local import LocalNetworks
 from serve_app.engines.networks import build_network
-from serve_app.engines.upscaler import load_upscaler
 from serve_app.weights import get_spec
 
 UNTILED = EngineConfig(device="cpu", tile=TileConfig(size=0))
+
+
+def _upscaled(store, config, img, model="RealESRGAN_x4plus", **options) -> np.ndarray:
+    return restore_with(LocalNetworks(store, config), img, model=model, **options).pixels
 
 
 def _reference(name, weights_dir, img, *, tile=0, tile_pad=10, outscale=None, denoise=None):
@@ -40,7 +46,7 @@ def _variants(photo):
 @pytest.mark.parametrize("variant", ["bgr", "gray", "bgra", "16bit"])
 def test_untiled_matches_realesrganer_x4plus(store, weights_dir, small_photo, variant):
     img = _variants(small_photo)[variant]
-    ours = load_upscaler("RealESRGAN_x4plus", store, UNTILED).upscale([img])[0]
+    ours = _upscaled(store, UNTILED, img)
     theirs = _reference("RealESRGAN_x4plus", weights_dir, img)
     assert ours.shape == theirs.shape == (160, 224) + img.shape[2:] and ours.dtype == img.dtype
     assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
@@ -53,7 +59,7 @@ def test_untiled_matches_realesrganer_x4plus(store, weights_dir, small_photo, va
 ])
 def test_other_models_match_realesrganer(store, weights_dir, small_photo, name, denoise, outscale):
     img = small_photo[:39, :55]
-    ours = load_upscaler(name, store, UNTILED, denoise=denoise).upscale([img], scale=outscale)[0]
+    ours = _upscaled(store, UNTILED, img, name, denoise=denoise, scale=outscale)
     theirs = _reference(name, weights_dir, img, outscale=outscale, denoise=denoise)
     assert ours.shape == theirs.shape
     assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
@@ -66,12 +72,11 @@ def _psnr(a, b):
 
 def test_tiled_is_close_to_untiled_and_closer_than_official_tiling(store, weights_dir, astronaut_bgr):
     img = np.ascontiguousarray(astronaut_bgr[::4, ::4][:96, :112])
-    untiled = load_upscaler("RealESRGAN_x4plus", store, UNTILED).upscale([img])[0]
+    untiled = _upscaled(store, UNTILED, img)
     tile = TileConfig(size=48, pad=6, blend=4, batch_size=4)
-    engine = load_upscaler("RealESRGAN_x4plus", store, EngineConfig(device="cpu", tile=tile))
-    job = engine.planner.prepare(img)
+    job = TilePlanner(4, tile).prepare(img)
     assert {x.shape for x in job.inputs()} == {(3, 48, 48)} and len(job.inputs()) > 4
-    tiled = engine.upscale([img])[0]
+    tiled = _upscaled(store, EngineConfig(device="cpu", tile=tile), img)
     official = _reference("RealESRGAN_x4plus", weights_dir, img, tile=48, tile_pad=6)
     ours_psnr, official_psnr = _psnr(tiled, untiled), _psnr(official, untiled)
     print(f"tiled vs untiled PSNR: ours {ours_psnr:.1f} dB, official tiling {official_psnr:.1f} dB")
@@ -80,21 +85,26 @@ def test_tiled_is_close_to_untiled_and_closer_than_official_tiling(store, weight
 
 
 def test_alpha_bicubic_and_batches_of_mixed_images(store, small_photo):
-    engine = load_upscaler("realesr-animevideov3", store,
-                           EngineConfig(device="cpu", tile=TileConfig(size=32, pad=4, blend=2)))
+    networks = LocalNetworks(store, EngineConfig(device="cpu", tile=TileConfig(size=32, pad=4, blend=2)))
     bgra = np.dstack([small_photo, np.linspace(0, 255, small_photo.shape[1], dtype=np.uint8)[None].repeat(40, 0)])
-    out = engine.upscale([bgra], alpha_upsampler="bicubic")[0]
+    out = restore_with(networks, bgra, model="realesr-animevideov3", alpha_upsampler="bicubic").pixels
     expected_alpha = cv2.resize(bgra[:, :, 3], (224, 160), interpolation=cv2.INTER_CUBIC)
     assert np.abs(out[:, :, 3].astype(int) - expected_alpha).max() <= 1
-    images = [small_photo, small_photo[:20, :30], cv2.cvtColor(small_photo, cv2.COLOR_BGR2GRAY)]
-    together = engine.upscale(images)
-    for img, result in zip(images, together):
-        np.testing.assert_array_equal(result, engine.upscale([img])[0])
+    # Tiles of different pictures (8-bit and float) forwarded together, as the upscaler batches
+    # requests, give each picture what it gets alone.
+    engine, planner = networks.upscaler("realesr-animevideov3"), TilePlanner(4, networks.engine.tile)
+    jobs = [planner.prepare(img) for img in (small_photo, small_photo[:20, :30],
+                                             cv2.cvtColor(small_photo, cv2.COLOR_BGR2GRAY))]
+    together = engine.forward_all([x for job in jobs for x in job.inputs()])
+    for job in jobs:
+        n = len(job.inputs())
+        np.testing.assert_array_equal(planner.finish(job, together[:n]),
+                                      planner.finish(job, engine.forward_all(job.inputs())))
+        together = together[n:]
 
 
 def test_a_picture_of_tile_size_is_one_tile(store, astronaut_bgr):
-    engine = load_upscaler("realesr-animevideov3", store,
-                           EngineConfig(device="cpu", tile=TileConfig(size=64, pad=8, blend=4)))
+    config = EngineConfig(device="cpu", tile=TileConfig(size=64, pad=8, blend=4))
     img = np.ascontiguousarray(astronaut_bgr[:64, :64])
-    assert [x.shape for x in engine.planner.prepare(img).inputs()] == [(3, 64, 64)]
-    assert engine.upscale([img])[0].shape == (256, 256, 3)
+    assert [x.shape for x in TilePlanner(4, config.tile).prepare(img).inputs()] == [(3, 64, 64)]
+    assert _upscaled(store, config, img, "realesr-animevideov3").shape == (256, 256, 3)

@@ -24,7 +24,7 @@ from serve_app.cpu.paste import FoundFaces
 from serve_app.deployments.batching import Abandoned, Deliver, DeviceBatcher, group_indices
 from serve_app.deployments.gpu_replica import GpuReplica
 from serve_app.engines.faces import FaceEngine, load_face_engine
-from serve_app.errors import InvalidOption, RequestTimeout
+from serve_app.errors import RequestTimeout
 
 _DETECT, _RESTORE = 0, 1  # the device lanes
 
@@ -42,20 +42,14 @@ class FaceDeployment(GpuReplica):
         self._start()
 
     def _load(self, name: str) -> FaceEngine:
-        runtime = self.runtime
-        return load_face_engine(name, self.store, runtime.engine(self.args.device), max_faces=runtime.limits.max_faces,
-                                detect_graphs=runtime.face_detect_graphs,
-                                detect_graph_pixels=runtime.face_detect_graph_pixels,
-                                detect_first_sight_pixels=runtime.face_detect_batch_pixels,
+        args = self.args
+        return load_face_engine(name, self.store, args, detect_graphs=args.face_detect_graphs,
+                                detect_graph_pixels=args.face_detect_graph_pixels,
+                                detect_first_sight_pixels=args.face_detect_batch_pixels,
                                 share_with=self.engines.any_loaded())
 
     def _offered(self) -> list[tuple]:
         return [(name,) for name in self.args.face_models]
-
-    def _engine_settings(self, runtime: RuntimeConfig) -> tuple:
-        # engines hold their number format, compiled networks and graphs, and face cap
-        return (runtime.precision, runtime.compile, runtime.limits.max_faces, runtime.face_detect_graphs,
-                runtime.face_detect_graph_pixels, runtime.face_detect_batch_pixels)
 
     def _apply(self, runtime: RuntimeConfig) -> None:
         for batcher in (self.detections, self.faces):
@@ -67,10 +61,7 @@ class FaceDeployment(GpuReplica):
         """An 8-bit BGR picture -> where its faces are (the affines that cut them out, and how many
         were found), their restored versions and their paste masks; RequestTimeout past
         ``deadline`` (a ``time.time()``), its faces then dropped from the batches to come."""
-        if not 0.0 <= strength <= 1.0:  # here, before it can fail a batch shared with others
-            raise InvalidOption(f"face_strength must be in [0, 1], not {strength}")
         self.engines.start_retries()
-        self.args.check_offered(face_model=face_model)
         self.engines.get(face_model)  # a model that could not load is refused here, before any batch
         timeout = None if deadline is None else deadline - time.time()
         try:
@@ -88,7 +79,8 @@ class FaceDeployment(GpuReplica):
             found = engine.align(work, None, aligned=True)
         else:
             detections, detect_wait, detect = await self.detections.submit_timed((engine, work))
-            found = await self.workers.cpu(engine.align, work, detections, only_center_face=only_center_face)
+            found = await self.workers.cpu(engine.align, work, detections, only_center_face=only_center_face,
+                                           max_faces=self.runtime.limits.max_faces)
         aligned_at = time.perf_counter()
         done = await asyncio.gather(*(self.faces.submit_timed((engine, strength, not aligned, crop))
                                       for crop in found.crops))
@@ -110,7 +102,7 @@ class FaceDeployment(GpuReplica):
         self.batch_sizes["detect"][len(items)] += 1
         for indices in group_indices(items, lambda item: id(item[0])):
             engine = items[indices[0]][0]
-            for chunk in _by_pixels(indices, [items[i][1] for i in indices], self.runtime.face_detect_batch_pixels):
+            for chunk in _by_pixels(indices, [items[i][1] for i in indices], self.args.face_detect_batch_pixels):
                 if abandoned():
                     return
                 found = await self.workers.device(engine.detector, [items[i][1] for i in chunk], lane=_DETECT)

@@ -1,8 +1,8 @@
 """What both GPU deployments are: engines loaded once (and retried when weights are missing),
 device lanes, a memory cap, and settings applied by ``reconfigure`` without a restart.
 
-A subclass says which engines it offers, which settings rebuild them, and how it applies the
-rest; this base holds the order of start-up that matters: the GPU waits set before PyTorch
+A subclass says which engines it offers and how it applies the settings of ``user_config``
+(none of which rebuilds an engine: what does is a builder argument, ``EngineConfig``); this base holds the order of start-up that matters: the GPU waits set before PyTorch
 makes its CUDA context, the engines loaded last, then the start-up heap frozen.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import logging
 
 import ray
 
-from serve_app.config import AppArgs, RuntimeConfig
+from serve_app.config import AppArgs, EngineConfig, RuntimeConfig
 from serve_app.deployments.gpu import StepTimes, cap_gpu_memory, gpu_memory, gpu_waits, sleep_while_gpu_works
 from serve_app.deployments.heap import freeze_heap, keep_freed_memory
 from serve_app.deployments.logs import quiet_client_errors
@@ -46,12 +46,8 @@ class GpuReplica:
         """The engine keys this replica loads at start (and after a reload)."""
         raise NotImplementedError
 
-    def _engine_settings(self, runtime: RuntimeConfig) -> tuple:
-        """The settings its engines are built with: a change reloads them."""
-        raise NotImplementedError
-
     def _apply(self, runtime: RuntimeConfig) -> None:
-        """Apply the settings that need no reload (batch sizes, waits)."""
+        """Apply new settings (batch sizes, waits) to what the replica runs."""
 
     # ------------------------------------------------------------------ shared
     def _start(self) -> None:
@@ -61,19 +57,16 @@ class GpuReplica:
         freeze_heap()
 
     def reconfigure(self, user_config: dict) -> None:
-        runtime = RuntimeConfig.model_validate(user_config)
-        reload = self._engine_settings(runtime) != self._engine_settings(self.runtime)
-        self.runtime = runtime
-        self.memory_fraction = cap_gpu_memory(self.device, runtime.gpu_memory_fraction)
-        self._apply(runtime)
-        if reload:  # engines hold their number format, compiled kernels and graphs
-            self.engines.clear()
-            self._start()
+        self.runtime = RuntimeConfig.model_validate(user_config)
+        self.memory_fraction = cap_gpu_memory(self.device, self.runtime.gpu_memory_fraction)
+        self._apply(self.runtime)
 
     def _replica_stats(self) -> dict:
         """What every GPU replica reports in ``stats()``."""
         self.engines.start_retries()
         return {"device": str(self.device), "failures": self.engines.failures,
+                "engine_builds": dict(self.engines.builds),
                 "node_id": ray.get_runtime_context().get_node_id(), "times": self.times.summary(),
                 "gpu_memory": gpu_memory(self.device, self.memory_fraction), "gpu_waits": gpu_waits(),
+                "engine": self.args.model_dump(mode="json", include=set(EngineConfig.model_fields)),
                 "runtime": self.runtime.model_dump(mode="json")}

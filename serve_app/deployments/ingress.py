@@ -153,7 +153,11 @@ class Ingress:
             raise Overloaded(f"this ingress replica holds {self.in_flight} requests, its limit; retry shortly")
 
     def _check_models(self, options: RestoreOptions) -> None:
-        for model in filter(None, (options.upscaler, options.face_model if options.face_enhance else None)):
+        """Refuse a model this service does not offer, or one known to be missing, here at the
+        edge: the replicas behind trust the options they are given."""
+        face_model = options.face_model if options.face_enhance else None
+        self.args.check_offered(upscaler=options.upscaler, face_model=face_model)
+        for model in filter(None, (options.upscaler, face_model)):
             why, until = self.missing.get(model, ("", 0.0))
             if time.monotonic() < until:
                 raise WeightsUnavailable(why)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Generic, TypeVar
 
@@ -29,6 +29,9 @@ class EngineCache(Generic[E]):
         self._failed: dict[tuple, tuple[str, float]] = {}  # key -> (why, when it failed)
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-load")
         self._retrying: asyncio.Task | None = None
+        # Engines built per model: each build compiles where the engines compile, so a setting
+        # that rebuilt them behind the user's back would show here.
+        self.builds: Counter[str] = Counter()
 
     @property
     def failures(self) -> dict[str, str]:
@@ -54,6 +57,7 @@ class EngineCache(Generic[E]):
         return engine
 
     def _add(self, key: tuple, engine: E) -> None:
+        self.builds[str(key[0])] += 1
         self._failed.pop(key, None)
         self._engines[key] = engine
         if len(self._engines) > self._capacity:
@@ -71,10 +75,6 @@ class EngineCache(Generic[E]):
                 self.get(*key)
             except WeightsUnavailable as exc:
                 log.warning("%s not loaded: %s", key[0], exc.detail)
-
-    def clear(self) -> None:
-        self._engines.clear()
-        self._failed.clear()
 
     def _schedule_retries(self) -> None:
         """Start the retry loop on the running event loop, if there is one and it is not running

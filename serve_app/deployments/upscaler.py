@@ -22,7 +22,6 @@ from serve_app.deployments.gpu_replica import GpuReplica
 from serve_app.engines.interrupt import Abandoned as PassAbandoned
 from serve_app.engines.upscaler import Upscaler, load_upscaler
 from serve_app.errors import RequestTimeout, TooMuchWork
-from serve_app.weights import get_spec
 
 
 @serve.deployment
@@ -34,12 +33,12 @@ class UpscalerDeployment(GpuReplica):
         self.admission = Admission(self.runtime.request_timeout_s)
         self.batch_sizes: Counter[int] = Counter()
         self.abandoned_passes = 0  # passes stopped or skipped because their requests were gone
-        self.batcher = DeviceBatcher(self._forward_batch, self.runtime.tile.batch_size,
+        self.batcher = DeviceBatcher(self._forward_batch, args.tile.batch_size,
                                      self.runtime.upscaler_batch_wait_s)
         self._start()
 
     def _load(self, name: str, denoise: float | None) -> Upscaler:
-        engine = load_upscaler(name, self.store, self.runtime.engine(self.args.device), denoise=denoise)
+        engine = load_upscaler(name, self.store, self.args, denoise=denoise)
         if engine.device.type == "cpu":  # on a GPU the first batches teach the admission
             self.admission.learn((name, denoise), 1, engine.seconds_per_pixel())
         return engine
@@ -47,12 +46,9 @@ class UpscalerDeployment(GpuReplica):
     def _offered(self) -> list[tuple]:
         return [(name, None) for name in self.args.upscalers]
 
-    def _engine_settings(self, runtime: RuntimeConfig) -> tuple:
-        return runtime.tile, runtime.precision, runtime.compile
-
     def _apply(self, runtime: RuntimeConfig) -> None:
         self.admission.request_timeout_s = runtime.request_timeout_s
-        self.batcher.max_batch_size, self.batcher.wait_s = runtime.tile.batch_size, runtime.upscaler_batch_wait_s
+        self.batcher.wait_s = runtime.upscaler_batch_wait_s
 
     # async, forwards on the device thread: Serve's sync-method pool, or a new thread per call,
     # pays CUDA's per-thread set-up in GPU time (bench/call_styles.py measures it).
@@ -62,8 +58,7 @@ class UpscalerDeployment(GpuReplica):
         or a typed refusal at once when they cannot be done by ``deadline`` (a ``time.time()``)."""
         entered = time.perf_counter()
         self.engines.start_retries()
-        self.args.check_offered(upscaler=model)
-        key = (model, _networks_denoise(model, denoise))
+        key = (model, denoise)
         engine = self.engines.get(*key)
         pixels = tiles.shape[0] * tiles.shape[2] * tiles.shape[3]
         try:
@@ -162,11 +157,3 @@ class _Tile(NamedTuple):
 def _retrieve(future: asyncio.Future) -> None:
     if not future.cancelled():
         future.exception()
-
-
-def _networks_denoise(model: str, denoise: float | None) -> float | None:
-    """The denoise value that selects a network: only realesr-general-x4v3 blends, as in the
-    official script; 1 is the plain network, and values are rounded to bound the networks kept."""
-    if get_spec(model).denoise_twin is None or denoise is None or denoise == 1:
-        return None
-    return round(denoise, 2)

@@ -13,8 +13,8 @@ these deliberate differences:
   and counted in ``faces_skipped``.
 The work is split so a server can run each half where it belongs: ``find``, ``restore`` and
 ``paste_masks`` run networks (the GPU replica); ``face_canvas`` and ``paste_faces`` live in
-``serve_app.cpu.paste`` (numpy and OpenCV, a CPU replica), and the canvas may come from a
-background already upscaled by any means.
+``serve_app.cpu.paste`` (numpy and OpenCV, a CPU replica), and ``serve_app.cpu.restore``
+chains them, making the canvas (the background through the upscaler) while faces are restored.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from serve_app.cpu.paste import FaceResult, FoundFaces, face_canvas, paste_faces, to_bgr8
+from serve_app.cpu.paste import FoundFaces
 from serve_app.engines import face_geometry as geo
 from serve_app.engines.face_detection import RetinaFaceDetector
 from serve_app.engines.face_tensors import (PendingFace, bgr8_to_network_input, faces_to_device,
@@ -34,7 +34,6 @@ from serve_app.engines.face_tensors import (PendingFace, bgr8_to_network_input, 
 
 # BGR uint8 pictures -> for each, N x 15 detections (box, score, 5 landmarks)
 Detector = Callable[[list[np.ndarray]], list[np.ndarray]]
-Background = Callable[[np.ndarray, float], np.ndarray]
 
 
 class FirstOutput(nn.Module):
@@ -66,18 +65,14 @@ class FaceEngine:
         # for one face): then a batch saves nothing, and a server can hand out each face alone.
         self.face_by_face = face_by_face
 
-    def enhance(self, image: np.ndarray, *, scale: float = 2, only_center_face: bool = False,
-                aligned: bool = False, strength: float = 1.0,
-                background: Background | None = None) -> FaceResult:
-        """The whole path on any decoded picture (grey, BGR or BGRA; 8 or 16 bit)."""
-        found = self.find(to_bgr8(image), only_center_face=only_center_face, aligned=aligned)
+    def restore_found(self, work: np.ndarray, *, only_center_face: bool = False, aligned: bool = False,
+                      strength: float = 1.0) -> tuple[FoundFaces, list[np.ndarray], list[np.ndarray]]:
+        """The device half in one call, one picture at a time (the face deployment batches the
+        same steps across requests): an 8-bit BGR picture's faces found, restored, and their
+        paste masks (none for an aligned face, which is the result itself)."""
+        found = self.find(work, only_center_face=only_center_face, aligned=aligned)
         restored = self.restore(found.crops, strength=strength)
-        masks = self.paste_masks(restored) if restored and not aligned else []
-        if aligned:
-            return paste_faces(image, found, restored, masks, aligned=True)
-        base = background(image, scale) if background is not None else None
-        canvas = face_canvas(image, scale=scale, background=base)
-        return paste_faces(image, found, restored, masks, scale=scale, canvas=canvas)
+        return found, restored, self.paste_masks(restored) if restored and not aligned else []
 
     # ------------------------------------------------------------------ step 1 (detector)
     def find(self, work: np.ndarray, *, only_center_face: bool = False, aligned: bool = False) -> FoundFaces:
@@ -87,8 +82,9 @@ class FaceEngine:
         return self.align(work, self.detector([work])[0], only_center_face=only_center_face)
 
     def align(self, work: np.ndarray, detections: np.ndarray | None, *, only_center_face: bool = False,
-              aligned: bool = False) -> FoundFaces:
-        """The aligned 512x512 crops of the detected faces to restore (CPU work)."""
+              aligned: bool = False, max_faces: int | None = None) -> FoundFaces:
+        """The aligned 512x512 crops of the detected faces to restore (CPU work), at most
+        ``max_faces`` of them (default: the engine's)."""
         if aligned:  # the input already is an aligned face, as GFPGANer's has_aligned
             return FoundFaces([cv2.resize(work, (geo.FACE_SIZE, geo.FACE_SIZE))], [], 1)
         boxes, landmarks = geo.faces_of(detections)
@@ -97,7 +93,7 @@ class FaceEngine:
         if landmarks and only_center_face:
             keep = [geo.center_face_index(boxes, h, w)]
         else:
-            keep = geo.largest_indices(boxes, self.max_faces, h, w)
+            keep = geo.largest_indices(boxes, max_faces or self.max_faces, h, w)
         for i in keep:
             crop, affine = geo.align_face(work, landmarks[i])
             found.crops.append(crop)

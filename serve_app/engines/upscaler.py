@@ -13,7 +13,8 @@ output matches it), with these deliberate differences, each noted where it happe
 The work is split in three steps so a server can batch the middle one across requests:
 ``prepare`` (CPU: image -> fixed-shape network inputs), ``forward`` (device: a batch of
 inputs -> outputs) and ``finish`` (CPU: outputs -> image). The CPU steps are
-``serve_app.cpu.tiles.TilePlanner``, which the CPU replicas run without torch.
+``serve_app.cpu.tiles.TilePlanner``, which the CPU replicas run without torch; the three are
+chained by ``serve_app.cpu.restore``, whoever runs the networks.
 """
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ import torch
 from torch import nn
 
 from serve_app.config import TileConfig
-from serve_app.cpu.tiles import AlphaUpsampler, TilePlanner
 from serve_app.engines.cuda_graphs import TimedCall
 from serve_app.engines.device import page_locked, page_locked_copy, upload, wait_for
 from serve_app.engines.interrupt import stopping_when
@@ -36,7 +36,6 @@ class Upscaler:
 
     def __init__(self, network: nn.Module, scale: int, *, device: torch.device, dtype: torch.dtype,
                  tile: TileConfig):
-        self.planner = TilePlanner(scale, tile)
         self.network, self.scale, self.device, self.dtype, self.tile = network, scale, device, dtype, tile
         # channels_last runs Real-ESRGAN's convolutions about 1.3x faster on CUDA.
         self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -44,18 +43,6 @@ class Upscaler:
         self.run: Callable[[torch.Tensor], torch.Tensor] = network  # or its compiled form
         # 8-bit tiles in, 8-bit outputs out, each batch shape one CUDA graph (``load_upscaler``)
         self.eight_bit_graphs: dict[tuple, TimedCall] = {}
-
-    def upscale(self, images: list[np.ndarray], *, scale: float | None = None,
-                alpha_upsampler: AlphaUpsampler = "realesrgan") -> list[np.ndarray]:
-        """Restore a list of images (HxW, HxWx3 BGR or HxWx4 BGRA; uint8 or uint16): the whole path."""
-        jobs = [self.planner.prepare(img, scale=scale, alpha_upsampler=alpha_upsampler) for img in images]
-        outputs = self.forward_all([x for job in jobs for x in job.inputs()])
-        results = []
-        for job in jobs:
-            n = len(job.inputs())
-            results.append(self.planner.finish(job, outputs[:n]))
-            outputs = outputs[n:]
-        return results
 
     # ------------------------------------------------------------------ step 2 (device)
     def forward(self, batch: np.ndarray) -> np.ndarray:
