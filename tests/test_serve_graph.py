@@ -41,7 +41,7 @@ TEST_RUNTIME = {
     "face_batch_wait_s": 0.2,
     "request_timeout_s": 120,
     "limits": {"max_bytes": 2_000_000, "max_pixels": 1_000_000, "max_output_pixels": 16_000_000,
-               "max_faces": 4},
+               "max_faces": 1},  # each face costs seconds on the CPU
 }
 
 
@@ -239,11 +239,11 @@ def test_a_large_png_answer_deflated_on_two_threads_equals_the_engine(client, st
 
 def test_faces_through_the_graph(client, astronaut_bgr):
     # Random RetinaFace weights "find" arbitrary faces: the path runs end to end, the background
-    # upscaled on the Real-ESRGAN deployment, and limits.max_faces (4 here) caps the count.
+    # upscaled on the Real-ESRGAN deployment, and limits.max_faces (1 here) caps the count.
     r = client.post("/v1/restore", params={"face_enhance": "true", "model": "realesr-animevideov3", "scale": 2},
                     content=_png(astronaut_bgr[:96, :128]))
     assert r.status_code == 200 and _image(r).shape == (192, 256, 3)
-    assert 0 <= int(r.headers["x-faces-restored"]) <= 4
+    assert 0 <= int(r.headers["x-faces-restored"]) <= 1
     # the canvas (made while the faces were restored) and the pasting are timed apart
     assert all(float(r.headers[f"x-timing-{step}-ms"]) >= 0 for step in ("canvas", "paste", "tiles", "stitch"))
     _, landmarks = geo.faces_of(ASTRONAUT_FACE)
