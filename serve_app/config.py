@@ -46,6 +46,24 @@ class WeightsConfig(_Strict):
         return self.cache_dir.expanduser()
 
 
+class UrlConfig(_Strict):
+    """How the service fetches URLs users give it (job images, webhooks)."""
+
+    allow: list[str] = Field(default_factory=list, description="Networks (CIDR) fetched although not public, "
+                             "e.g. an internal image store; everything else must resolve to public addresses.")
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=30.0, gt=0, description="Longest wait for the next bytes of an answer.")
+    max_redirects: int = Field(default=3, ge=0, le=10, description="Redirects followed, each checked as the URL was.")
+
+    @model_validator(mode="after")
+    def _networks_parse(self):
+        import ipaddress
+
+        for net in self.allow:
+            ipaddress.ip_network(net)  # a ValueError names the bad entry
+        return self
+
+
 class LimitsConfig(_Strict):
     """Bounds checked from the image header, before any pixel is decoded."""
 

@@ -122,3 +122,19 @@ class RequestTimeout(RestoreError):
 
     def __init__(self, detail: str = "the request took longer than the service's request timeout"):
         super().__init__(detail)
+
+
+class UrlRefused(RestoreError):
+    """A URL the service will not fetch: its scheme, or an address that is not public."""
+
+    status, code = 400, "url_refused"
+
+
+class UrlUnreachable(RestoreError):
+    """A URL that could not be fetched: no such name, no answer in time, or not a 2xx answer."""
+
+    status, code = 502, "url_unreachable"
+
+
+class UrlTooLarge(RestoreError):
+    status, code = 413, "url_too_large"

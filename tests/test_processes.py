@@ -5,9 +5,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# A replica imports its deployment's module (Serve pickles the class by reference), not the builder.
+# A replica imports its deployment's module (Serve pickles the class by reference), not the builder;
+# the job modules run in the ingress and the job consumers.
 CPU_SIDE = ["serve_app.imageio", "serve_app.cpu.tiles", "serve_app.cpu.paste", "serve_app.cpu.restore",
-            "serve_app.api", "serve_app.deployments.preprocess", "serve_app.deployments.ingress"]
+            "serve_app.api", "serve_app.deployments.preprocess", "serve_app.deployments.ingress",
+            "serve_app.jobs.records", "serve_app.jobs.objects", "serve_app.jobs.urls", "serve_app.jobs.webhooks"]
 
 
 def _loaded_after_importing(modules: list[str]) -> set[str]:
