@@ -79,6 +79,8 @@ def _config(folder: Path, cache: Path, tile: int, batch: int, cpu_replicas: int,
     app["args"].update(upscalers=["RealESRGAN_x4plus"], face_models=["GFPGANv1.4"], compile=compile_mode)
     app["args"]["tile"].update(size=tile, batch_size=batch)
     app["args"]["weights"] = {"folder": str(folder), "cache_dir": str(cache), "download": False}
+    # The synchronous path only: no broker, so no job consumers.
+    app["deployments"] = [d for d in app["deployments"] if d["name"] != "JobConsumer"]
     for d in app["deployments"]:
         d["user_config"] = copy.deepcopy(d["user_config"])  # one YAML anchor: one shared dict
         gpus = d["ray_actor_options"]["num_gpus"]

@@ -12,6 +12,7 @@ from serve_app.deployments.faces import FaceDeployment
 from serve_app.deployments.ingress import Ingress
 from serve_app.deployments.preprocess import PreprocessDeployment
 from serve_app.deployments.upscaler import UpscalerDeployment
+from serve_app.jobs.consumer import consumer_deployment
 
 
 def build_app(args: dict | AppArgs) -> Application:
@@ -19,4 +20,7 @@ def build_app(args: dict | AppArgs) -> Application:
     upscaler = UpscalerDeployment.bind(args)
     faces = FaceDeployment.bind(args)
     preprocess = PreprocessDeployment.bind(args, upscaler, faces)
-    return Ingress.bind(args, preprocess, upscaler, faces)
+    # The job consumers take jobs from the broker, not from the ingress: the ingress holds their
+    # handle only so that they are part of the graph.
+    consumer = consumer_deployment(args).bind(args, preprocess) if args.jobs.broker_url else None
+    return Ingress.bind(args, preprocess, upscaler, faces, consumer)

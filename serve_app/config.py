@@ -64,6 +64,38 @@ class UrlConfig(_Strict):
         return self
 
 
+class JobsConfig(_Strict):
+    """Jobs (POST /v1/jobs): a durable queue, job records and results in object storage."""
+
+    broker_url: str | None = Field(default=None, description="Redis URL of the queue; restore-serve "
+                                   "starts a private Redis under data_dir and fills this in when it is unset.")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL of the job records "
+                                     "(postgresql+psycopg://... on a cluster); default a SQLite file in data_dir.")
+    data_dir: Path = Field(default=Path("~/.local/share/restore-serve"), description="The local broker's "
+                           "data, the SQLite records and the results folder, on one machine.")
+    s3_bucket: str | None = Field(default=None, description="Keep inputs and results in this S3 bucket "
+                                  "(presigned result URLs); default the folder data_dir/objects.")
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = Field(default=None, description="An S3-compatible server instead of AWS.")
+    s3_region: str | None = None
+    retention_s: float = Field(default=24 * 3600, gt=0, description="Records, inputs and results are "
+                               "removed this long after the job was created.")
+    visibility_timeout_s: float = Field(default=600, gt=0, description="A job taken by a consumer that "
+                                        "dies is handed out again after this long; longer than any job runs.")
+    max_retries: int = Field(default=3, ge=0, description="Retries of a job that failed for a passing "
+                             "reason (a lost replica, overload); errors in the input fail it at once.")
+    webhook_secret: str | None = Field(default=None, description="HMAC key webhooks are signed with; "
+                                       "default a random one kept in data_dir.")
+    webhook_give_up_s: float = Field(default=600, gt=0, description="How long a webhook is retried.")
+    urls: UrlConfig = UrlConfig()
+
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser()
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.resolved_data_dir() / 'jobs.db'}"
+
+
 class LimitsConfig(_Strict):
     """Bounds checked from the image header, before any pixel is decoded."""
 
@@ -139,6 +171,7 @@ class AppArgs(EngineConfig):
     how its engines are built, the same for every deployment."""
 
     weights: WeightsConfig = WeightsConfig()
+    jobs: JobsConfig = JobsConfig()
     upscalers: list[str] = Field(default_factory=lambda: ["RealESRGAN_x4plus"],
                                  description="Real-ESRGAN models the service offers.")
     face_models: list[str] = Field(default_factory=lambda: ["GFPGANv1.4"])

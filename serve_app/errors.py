@@ -138,3 +138,15 @@ class UrlUnreachable(RestoreError):
 
 class UrlTooLarge(RestoreError):
     status, code = 413, "url_too_large"
+
+
+class QueueUnavailable(Overloaded):
+    """The job queue (its broker) cannot take a job now; nothing of the job was kept."""
+
+    code = "queue_unavailable"
+
+
+class JobNotDone(RestoreError):
+    """A job's result was asked for before the job succeeded."""
+
+    status, code = 409, "job_not_done"

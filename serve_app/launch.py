@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s restore-serve %(levelname)s %(message)s")
     config = yaml.safe_load(Path(args.config).read_text())
+    broker = _start_broker(config)
     started_here = "RAY_ADDRESS" not in os.environ and not _ray_is_running()
     if started_here:
         # In a session of its own, Ray's daemons do not get the terminal's Ctrl-C: this process
@@ -139,6 +140,23 @@ def main(argv: list[str] | None = None) -> int:
         if started_here:
             subprocess.run([RAY, "stop", "--force"], capture_output=True)
             log.info("stopped the Ray instance started here")
+        if broker is not None:
+            broker.stop()
+            log.info("stopped the job queue's Redis")
+
+
+def _start_broker(config: dict):
+    """Where the config names no broker for jobs, a private Redis under jobs.data_dir."""
+    from serve_app.config import JobsConfig
+    from serve_app.jobs.broker import LocalBroker
+
+    jobs = config["applications"][0].setdefault("args", {}).setdefault("jobs", {})
+    if jobs.get("broker_url"):
+        return None
+    broker = LocalBroker(JobsConfig.model_validate(jobs).resolved_data_dir() / "broker")
+    jobs["broker_url"] = broker.start()
+    log.info("the job queue's Redis runs in %s", broker.folder)
+    return broker
 
 
 def _serve(config: dict, started_here: bool) -> int:

@@ -1,7 +1,7 @@
 """The documentation pages that must follow the code."""
 from pathlib import Path
 
-from serve_app.config import AppArgs, LimitsConfig, RuntimeConfig, TileConfig, WeightsConfig
+from serve_app.config import AppArgs, JobsConfig, LimitsConfig, RuntimeConfig, TileConfig, UrlConfig, WeightsConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -11,7 +11,8 @@ def test_the_configuration_page_lists_every_setting_and_no_other():
     listed = {line.split("`")[1] for line in page.splitlines() if line.startswith("| `")}
     fields = set()
     for model, prefix in ((AppArgs, "args."), (WeightsConfig, "args.weights."), (RuntimeConfig, ""),
-                          (TileConfig, "args.tile."), (LimitsConfig, "limits.")):
+                          (TileConfig, "args.tile."), (LimitsConfig, "limits."),
+                          (JobsConfig, "args.jobs."), (UrlConfig, "args.jobs.urls.")):
         fields |= {prefix + name for name in model.model_fields}
     assert listed == fields, (sorted(fields - listed), sorted(listed - fields))
 
@@ -19,5 +20,5 @@ def test_the_configuration_page_lists_every_setting_and_no_other():
 def test_the_readme_stays_short_and_its_doc_links_resolve():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= 250
-    for page in ("architecture", "configuration", "api", "operations", "performance", "weights"):
+    for page in ("architecture", "configuration", "api", "operations", "performance", "weights", "jobs"):
         assert f"docs/{page}.md" in readme and (ROOT / "docs" / f"{page}.md").is_file()

@@ -35,6 +35,7 @@ def _config(weights_dir: Path, cache: Path) -> dict:
                        face_models=["GFPGANv1.4", "GFPGANv1.3"])  # RealESRNet_x4plus, GFPGANv1.3: no weights
     app["args"]["weights"] = {"folder": str(weights_dir), "cache_dir": str(cache), "download": False,
                               "retry_interval_s": 30}
+    app["args"]["jobs"] = {"data_dir": str(cache.parent / "jobs")}  # the launcher starts its Redis there
     for d in app["deployments"]:
         d["user_config"] = {**d["user_config"], "request_timeout_s": TIMEOUT_S, "max_in_flight": IN_FLIGHT,
                             "body_timeout_s": BODY_TIMEOUT_S}
@@ -43,14 +44,14 @@ def _config(weights_dir: Path, cache: Path) -> dict:
     return config
 
 
-def _ray_processes() -> list[str]:
+def _ray_processes(names=RAY_PROCESSES) -> list[str]:
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if any(name in cmdline for name in RAY_PROCESSES):
+        if any(name in cmdline for name in names):
             found.append(f"{pid} {cmdline[:120]}")
     return found
 
@@ -338,4 +339,6 @@ def test_sigterm_drains_requests_in_flight_then_leaves_no_ray_process(launched, 
     assert process.wait(90) == 0
     log = launched["log"].read_text()
     assert "draining: new requests get 503" in log and "stopped the Ray instance started here" in log
+    assert "stopped the job queue's Redis" in log
     _wait_for(lambda: not _ray_processes(), 30, "every Ray process gone")
+    assert not _ray_processes(("jobs/broker/redis.conf",))  # the job queue's Redis it started

@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import json
 import os
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import cv2
@@ -30,6 +32,7 @@ from conftest import ASTRONAUT_FACE, has_cuda_driver, restore_with
 from serve_app.config import EngineConfig, TileConfig
 from serve_app.engines import face_geometry as geo
 from serve_app.engines.local import LocalNetworks
+from serve_app.jobs.broker import LocalBroker
 
 ROOT = Path(__file__).resolve().parent.parent
 URL = "http://127.0.0.1:8000"
@@ -45,18 +48,19 @@ TEST_RUNTIME = {
 }
 
 
-def _config(weights_dir: Path, cache: Path, runtime: dict) -> dict:
+def _config(weights_dir: Path, cache: Path, runtime: dict, jobs: dict) -> dict:
     """serve_config.yaml as shipped, with test weights, CPU engines and quick autoscaling."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     app = config["applications"][0]
     app["args"].update(device="cpu", upscalers=["realesr-animevideov3", "RealESRGAN_x4plus", "RealESRNet_x4plus"],
                        face_models=["GFPGANv1.4"], tile=TEST_TILE)
     app["args"]["weights"] = {"folder": str(weights_dir), "cache_dir": str(cache), "download": False}
+    app["args"]["jobs"] = jobs
     config["proxy_location"] = "HeadOnly"  # the simulated nodes share one machine and its port 8000
     deployments = {d["name"]: d for d in app["deployments"]}
     for d in deployments.values():
         d["user_config"] = copy.deepcopy(runtime)
-    for name in ("Ingress", "PreprocessDeployment"):  # CPU work stays on the head, as on EC2
+    for name in ("Ingress", "PreprocessDeployment", "JobConsumer"):  # CPU work stays on the head, as on EC2
         deployments[name]["ray_actor_options"]["resources"] = {"head": 0.01}
     up = deployments["UpscalerDeployment"]
     up["ray_actor_options"]["num_gpus"] = 0.25  # two upscaler replicas + one face replica = one GPU
@@ -127,7 +131,10 @@ def deployed(weights_dir, tmp_path_factory):
         "num_cpus": 4, "num_gpus": 0, "resources": {"head": 1}, "include_dashboard": True,
         "dashboard_host": "127.0.0.1"})
     ray.init(address=cluster.address)
-    config = _config(weights_dir, tmp / "cache", TEST_RUNTIME)
+    broker = LocalBroker(tmp / "jobs" / "broker")  # what restore-serve starts on one machine
+    jobs = {"broker_url": broker.start(), "data_dir": str(tmp / "jobs"), "visibility_timeout_s": 15,
+            "urls": {"allow": ["127.0.0.0/8"]}}  # the tests' image server and webhook receiver
+    config = _config(weights_dir, tmp / "cache", TEST_RUNTIME, jobs)
     _wait_for(lambda: _answers(f"{DASHBOARD}/api/version"), 60, "the dashboard")  # 401 without the token: up
     _deploy(config, tmp / "config.yaml")
     # No GPU node yet: the app deploys, its GPU replicas stay pending.
@@ -141,10 +148,12 @@ def deployed(weights_dir, tmp_path_factory):
     gpu_node = cluster.add_node(num_cpus=4, num_gpus=1)  # what the autoscaler does on EC2
     _wait_for(_running, 180, "the application on the new GPU node")
     print(f"GPU node added: application RUNNING {time.monotonic() - started:.1f} s later")
-    yield {"config": config, "path": tmp / "config.yaml", "cluster": cluster, "gpu_node": gpu_node}
+    yield {"config": config, "path": tmp / "config.yaml", "cluster": cluster, "gpu_node": gpu_node,
+           "jobs_dir": tmp / "jobs"}
     serve.shutdown()
     ray.shutdown()
     cluster.shutdown()
+    broker.stop()
     os.environ.pop("RAY_SERVE_SLOW_STARTUP_WARNING_S")
 
 
@@ -166,7 +175,8 @@ def test_serve_config_validates_with_rays_own_schema():
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(config)
     deployments = {d.name: d for d in schema.applications[0].deployments}
-    assert set(deployments) == {"Ingress", "PreprocessDeployment", "UpscalerDeployment", "FaceDeployment"}
+    assert set(deployments) == {"Ingress", "PreprocessDeployment", "UpscalerDeployment", "FaceDeployment",
+                                "JobConsumer"}
     up, faces, cpu = (deployments[name] for name in ("UpscalerDeployment", "FaceDeployment", "PreprocessDeployment"))
     # at their minimum, one upscaler and the face replicas fill one GPU
     assert up.ray_actor_options.num_gpus + faces.ray_actor_options.num_gpus * faces.autoscaling_config[
@@ -252,6 +262,132 @@ def test_faces_through_the_graph(client, astronaut_bgr):
                           content=_png(crop))
     assert aligned.status_code == 200 and aligned.headers["x-faces-restored"] == "1"
     assert _image(aligned).shape == (512, 512, 3) and "x-timing-canvas-ms" not in aligned.headers
+
+
+class _Files(BaseHTTPRequestHandler):
+    """An image server and a webhook receiver, as a job's user would have them."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        body = self.server.files.get(self.path, b"")
+        self.send_response(200 if body else 404)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["content-length"]))
+        self.server.hooks.append(({k.lower(): v for k, v in self.headers.items()}, body))
+        self.send_response(204)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+
+@pytest.fixture(scope="module")
+def files():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    httpd.files, httpd.hooks = {}, []
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield httpd
+    httpd.shutdown()
+
+
+def _job_until(client, job_id: str, done, timeout: float = 120) -> dict:
+    box = {}
+
+    def check():
+        box["job"] = client.get(f"/v1/jobs/{job_id}").json()
+        return done(box["job"])
+
+    _wait_for(check, timeout, f"job {job_id}")
+    return box["job"]
+
+
+def _ended(job: dict) -> bool:
+    return job["status"] in ("succeeded", "failed", "canceled")
+
+
+def test_a_job_from_an_upload_gives_the_synchronous_result(client, small_photo):
+    params = {"model": "realesr-animevideov3"}
+    submitted = client.post("/v1/jobs", params=params, content=_png(small_photo))
+    assert submitted.status_code == 202, submitted.text
+    job = submitted.json()
+    assert job["status"] == "queued" and job["id"].startswith("job_") and submitted.headers["location"].endswith(job["id"])
+    assert set(job["urls"]) == {"get", "cancel", "result"} and job["created_at"].endswith("Z")
+    done = _job_until(client, job["id"], _ended)
+    assert done["status"] == "succeeded", done
+    assert done["output"]["format"] == "png" and (done["output"]["width"], done["output"]["height"]) == (224, 160)
+    assert done["metrics"]["queued_s"] >= 0 and done["metrics"]["run_s"] > 0 and done["started_at"] and done["completed_at"]
+    result = client.get(f"/v1/jobs/{job['id']}/result")
+    assert result.status_code == 200 and result.headers["content-type"] == "image/png"
+    synchronous = client.post("/v1/restore", params=params, content=_png(small_photo))
+    np.testing.assert_array_equal(_image(result), _image(synchronous))
+    again = client.post("/v1/jobs", params=params, content=_png(small_photo), headers={"idempotency-key": "one"})
+    same = client.post("/v1/jobs", params=params, content=_png(small_photo), headers={"idempotency-key": "one"})
+    assert (again.status_code, same.status_code) == (202, 200) and again.json()["id"] == same.json()["id"]
+
+
+def test_a_job_from_a_url_calls_its_signed_webhook(deployed, client, files, small_photo):
+    from serve_app.jobs.webhooks import verify
+
+    files.files["/photo.png"] = _png(small_photo)
+    job = client.post("/v1/jobs", json={"image_url": f"{files.url}/photo.png", "webhook": f"{files.url}/hook",
+                                        "model": "realesr-animevideov3", "scale": 2, "format": "webp"}).json()
+    done = _job_until(client, job["id"], _ended)
+    assert done["status"] == "succeeded" and done["output"]["format"] == "webp", done
+    assert _image(client.get(f"/v1/jobs/{job['id']}/result")).shape == (80, 112, 3)
+    _wait_for(lambda: files.hooks, 30, "the webhook")
+    headers, body = files.hooks[-1]
+    secret = (deployed["jobs_dir"] / "webhook_secret").read_text().strip()
+    assert verify(secret, headers, body)
+    event = json.loads(body)
+    assert event["type"] == "job.succeeded" and event["data"]["id"] == job["id"]
+
+
+def test_bad_jobs_are_refused_at_submit_or_fail_at_once_with_the_synchronous_codes(client, files):
+    svg = b"<svg xmlns='http://www.w3.org/2000/svg'/>"
+    refused = client.post("/v1/jobs", content=svg)
+    assert (refused.status_code, refused.json()["error"]) == (415, "unsupported_format")
+    metadata = client.post("/v1/jobs", json={"image_url": "http://169.254.169.254/latest/meta-data/"})
+    assert (metadata.status_code, metadata.json()["error"]) == (400, "url_refused")
+    both = client.post("/v1/jobs", params={"image_url": f"{files.url}/a.png"}, content=_png(np.zeros((8, 8, 3), np.uint8)))
+    assert (both.status_code, both.json()["error"]) == (400, "invalid_option")
+    files.files["/drawing.svg"] = svg  # only the consumer sees what the URL holds
+    job = client.post("/v1/jobs", json={"image_url": f"{files.url}/drawing.svg"}).json()
+    failed = _job_until(client, job["id"], _ended)
+    assert failed["status"] == "failed" and failed["error"]["code"] == "unsupported_format", failed
+    missing = client.post("/v1/jobs", json={"image_url": f"{files.url}/nothing.png"}).json()
+    assert _job_until(client, missing["id"], _ended)["error"]["code"] == "url_unreachable"
+    assert client.get(f"/v1/jobs/{job['id']}/result").json()["error"] == "job_not_done"
+    assert client.get("/v1/jobs/job_unknown").status_code == 404
+    listed = client.get("/v1/jobs", params={"status": "failed", "limit": 1}).json()
+    assert len(listed["jobs"]) == 1 and listed["next_cursor"] and listed["jobs"][0]["status"] == "failed"
+
+
+def test_a_running_job_cancelled_ends_canceled_without_a_result(client, astronaut_bgr):
+    slow = _png(np.ascontiguousarray(astronaut_bgr[:128, :128]))  # x4plus on the CPU: many seconds
+    job = client.post("/v1/jobs", params={"model": "RealESRGAN_x4plus"}, content=slow).json()
+    _job_until(client, job["id"], lambda j: j["status"] != "queued", 60)
+    canceled = client.post(f"/v1/jobs/{job['id']}/cancel").json()
+    assert canceled["status"] == "canceled" and canceled["completed_at"]
+    time.sleep(2)
+    after = client.get(f"/v1/jobs/{job['id']}").json()
+    assert after["status"] == "canceled" and after["output"] is None
+    assert client.get(f"/v1/jobs/{job['id']}/result").status_code == 409
+
+
+def test_jobs_through_the_python_handle(deployed, small_photo):
+    handle = serve.get_app_handle("restore")
+    job = handle.submit_job.remote(small_photo, model="realesr-animevideov3", scale=1).result()
+    assert job["status"] == "queued"
+    _wait_for(lambda: _ended(handle.get_job.remote(job["id"]).result()), 60, "the job")
+    done = handle.get_job.remote(job["id"]).result()
+    assert done["status"] == "succeeded" and (done["output"]["width"], done["output"]["height"]) == (56, 40)
+    with pytest.raises(Exception, match="invalid_option|image_url"):
+        handle.submit_job.remote(None, model="realesr-animevideov3").result()
 
 
 def test_legacy_inference_contract(client, small_photo):

@@ -25,10 +25,14 @@ from serve_app.deployments.failures import typed_error
 from serve_app.deployments.health import graph_health
 from serve_app.deployments.heap import freeze_heap, keep_freed_memory
 from serve_app.deployments.logs import quiet_client_errors
-from serve_app.deployments.request_body import base64_field, image_request, json_object, raw_body, within
+from serve_app.deployments.jobs_api import JobsApi
+from serve_app.deployments.request_body import (
+    base64_field, image_request, job_request, json_object, raw_body, within,
+)
 from serve_app.errors import (
     Draining, MethodNotAllowed, NotFound, Overloaded, RequestTimeout, RestoreError, WeightsUnavailable,
 )
+from serve_app.imageio import encode
 from serve_app.weights import MODELS, WeightsStore
 
 log = logging.getLogger("ray.serve")
@@ -38,7 +42,7 @@ CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 @serve.deployment
 class Ingress:
     def __init__(self, args: AppArgs, preprocess: DeploymentHandle, upscaler: DeploymentHandle,
-                 faces: DeploymentHandle):
+                 faces: DeploymentHandle, jobs_consumer: DeploymentHandle | None = None):
         keep_freed_memory()
         quiet_client_errors()
         # The GPU deployments' handles serve /healthz only; requests go through the CPU deployment.
@@ -47,6 +51,8 @@ class Ingress:
         self.routes: dict[str, dict[str, Callable[[Request], Awaitable[Response]]]] = {
             "/v1/restore": {"POST": self._http_restore}, "/inference": {"POST": self._http_legacy_inference},
             "/v1/models": {"GET": self._http_models}, "/healthz": {"GET": self._http_healthz}}
+        # Jobs need a broker: restore-serve starts one and sets args.jobs.broker_url.
+        self.jobs = JobsApi(args, self._check_models) if args.jobs.broker_url else None
         self.in_flight = 0  # requests of this replica inside the graph now
         # model -> (why, until when): models a GPU replica said it cannot load, refused here at
         # once until its next background retry
@@ -61,12 +67,15 @@ class Ingress:
         started = time.perf_counter()
         path, method, error_code = request.url.path, request.method, None
         try:
-            methods = self.routes.get(path)
-            if methods is None:
-                raise NotFound(f"no route {path}")
-            if method not in methods:
-                raise MethodNotAllowed(f"{path} takes {', '.join(methods)}, not {method}", tuple(methods))
-            response = await methods[method](request)
+            if path == "/v1/jobs" or path.startswith("/v1/jobs/"):
+                response = await self._http_jobs(request, path)
+            else:
+                methods = self.routes.get(path)
+                if methods is None:
+                    raise NotFound(f"no route {path}")
+                if method not in methods:
+                    raise MethodNotAllowed(f"{path} takes {', '.join(methods)}, not {method}", tuple(methods))
+                response = await methods[method](request)
         except Exception as exc:  # noqa: BLE001  (the one place errors become HTTP answers)
             error = typed_error(exc)
             if not isinstance(error, RestoreError):
@@ -113,6 +122,18 @@ class Ingress:
             data, options, deadline))
         return JSONResponse(base64.b64encode(result.data).decode())
 
+    async def _http_jobs(self, request: Request, path: str) -> Response:
+        if self.jobs is None:
+            raise NotFound("jobs are off: args.jobs.broker_url is unset (restore-serve sets it)")
+
+        async def read_submit():
+            self._check_room()
+            limits = self.runtime.limits
+            data, values = await within(self.runtime.body_timeout_s, job_request(request, limits))
+            return data, values, limits
+
+        return await self.jobs.http(request, [p for p in path[len("/v1/jobs"):].split("/") if p], read_submit)
+
     async def _http_models(self, request: Request) -> Response:
         offered = set(self.args.upscalers) | set(self.args.face_models)
         return JSONResponse({"models": [
@@ -141,6 +162,39 @@ class Ingress:
             parsed = parse_options({k: v for k, v in options.items() if k not in ("format", "quality")})
             return await self._in_graph(parsed, lambda deadline: self.preprocess.restore_array.remote(
                 image, parsed, deadline))
+        except Exception as exc:  # noqa: BLE001  callers get our typed errors, as over HTTP
+            error = typed_error(exc)
+            raise error if isinstance(error, RestoreError) else exc
+
+    async def submit_job(self, image: np.ndarray | bytes | None = None, *, image_url: str | None = None,
+                         webhook: str | None = None, idempotency_key: str | None = None, **options) -> dict:
+        """Queue a job (an array, encoded bytes or an image_url; the options of /v1/restore) and
+        return it as GET /v1/jobs/{id} shows it; then ``get_job`` or ``cancel_job`` by its id."""
+        data = image
+        if isinstance(image, np.ndarray):
+            data = await asyncio.to_thread(lambda: encode(image, "png"))
+        values = {**options, **({"image_url": image_url} if image_url else {}),
+                  **({"webhook": webhook} if webhook else {})}
+        return (await self._jobs_call(self._require_jobs().submit, data, values, self.runtime.limits,
+                                      idempotency_key))[0]
+
+    async def get_job(self, job_id: str) -> dict:
+        return await self._jobs_call(self._require_jobs().get, job_id)
+
+    async def cancel_job(self, job_id: str) -> dict:
+        return await self._jobs_call(self._require_jobs().cancel, job_id)
+
+    async def list_jobs(self, status: str | None = None, cursor: str | None = None, limit: int = 50) -> dict:
+        return await self._jobs_call(self._require_jobs().page, status, cursor, limit)
+
+    def _require_jobs(self) -> JobsApi:
+        if self.jobs is None:
+            raise NotFound("jobs are off: args.jobs.broker_url is unset (restore-serve sets it)")
+        return self.jobs
+
+    async def _jobs_call(self, call, *args):
+        try:
+            return await call(*args)
         except Exception as exc:  # noqa: BLE001  callers get our typed errors, as over HTTP
             error = typed_error(exc)
             raise error if isinstance(error, RestoreError) else exc

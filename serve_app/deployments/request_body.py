@@ -47,6 +47,25 @@ async def image_request(request: Request, limits: LimitsConfig) -> tuple[bytes, 
     return body, values, False
 
 
+async def job_request(request: Request, limits: LimitsConfig) -> tuple[bytes | None, dict]:
+    """(image bytes or None, the other fields) of a job submit: the forms of ``image_request``,
+    where the image may be left out for an ``image_url``."""
+    values = dict(request.query_params)
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        _body_limit(request, limits, length_required=True)
+        form = await request.form(max_files=1, max_fields=32)
+        upload = form.get("image")
+        values.update({k: v for k, v in form.items() if k != "image" and isinstance(v, str)})
+        return (await upload.read() if isinstance(upload, UploadFile) else None), values
+    body = await raw_body(request, limits)
+    if content_type.startswith("application/json"):
+        document = json_object(body)
+        values.update({k: v for k, v in document.items() if k != "image"})
+        return (base64_field(document["image"], "image") if "image" in document else None), values
+    return body or None, values
+
+
 async def raw_body(request: Request, limits: LimitsConfig) -> bytes:
     """The body, refused as soon as it passes the byte limit."""
     limit = _body_limit(request, limits)

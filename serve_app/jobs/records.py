@@ -83,6 +83,10 @@ def _record(row: _Job) -> JobRecord:
     return JobRecord(**values)
 
 
+def new_id() -> str:
+    return f"job_{uuid.uuid4().hex}"
+
+
 def now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -110,11 +114,12 @@ class JobRecords:
         self.engine.dispose()
 
     # ------------------------------------------------------------------ submit and read
-    def create(self, *, options: dict, input_key: str | None = None, image_url: str | None = None,
-               webhook: str | None = None, idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
+    def create(self, *, options: dict, job_id: str | None = None, input_key: str | None = None,
+               image_url: str | None = None, webhook: str | None = None,
+               idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
         """A new queued job, or (``created`` False) the one already made with ``idempotency_key``."""
         at = now()
-        row = _Job(id=f"job_{uuid.uuid4().hex}", status="queued", created_at=at, updated_at=at,
+        row = _Job(id=job_id or new_id(), status="queued", created_at=at, updated_at=at,
                    expires_at=at + self.retention, attempt=0, idempotency_key=idempotency_key,
                    options=options, input_key=input_key, image_url=image_url, webhook=webhook)
         job_id = row.id  # the row is expired once its session commits

@@ -1,0 +1,140 @@
+"""The jobs half of the ingress: submit, read, list, cancel, and hand out results.
+
+A submit is checked as /v1/restore is (options, offered models, the image header and its
+limits; for a URL, its scheme and addresses) before anything is kept; then the input goes to
+the object store, the record is written, and the job is queued. If the queue cannot take it,
+the record and the input are removed and the answer is 503 ``queue_unavailable``: a 202
+means the job is durably queued. Database, object-store and broker calls are blocking, so they
+run on threads.
+"""
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import urlsplit
+
+from ray.serve.task_consumer import instantiate_adapter_from_config
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+
+from serve_app.api import RestoreOptions, parse_options
+from serve_app.config import AppArgs, LimitsConfig
+from serve_app.errors import InvalidOption, JobNotDone, NotFound, QueueUnavailable
+from serve_app.imageio.probe import probe
+from serve_app.jobs.records import STATUSES, new_id
+from serve_app.jobs.system import TASK, JobSystem, task_processor_config
+
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+class JobsApi:
+    def __init__(self, args: AppArgs, check_models):
+        self.args, self.system, self.check_models = args, JobSystem(args.jobs), check_models
+        self._queue = None
+
+    def _enqueue(self, job_id: str) -> None:
+        if self._queue is None:
+            self._queue = instantiate_adapter_from_config(task_processor_config(self.args.jobs))
+        self._queue.enqueue_task_sync(TASK, args=[job_id])
+
+    # ------------------------------------------------------------------ the operations
+    async def submit(self, data: bytes | None, values: dict, limits: LimitsConfig,
+                     idempotency_key: str | None = None) -> tuple[dict, bool]:
+        """(the job's view, whether it is new). ``values``: the options of /v1/restore plus
+        ``image_url`` (instead of ``data``) and ``webhook``."""
+        values = dict(values)
+        image_url, webhook = values.pop("image_url", None), values.pop("webhook", None)
+        options = parse_options(values)
+        self.check_models(options)
+        if (data is None) == (image_url is None):
+            raise InvalidOption("a job takes an image or an image_url, one of the two")
+        system = self.system
+        for url in filter(None, (image_url, webhook)):
+            if not isinstance(url, str):
+                raise InvalidOption("image_url and webhook must be URL strings")
+            await asyncio.to_thread(system.urls.check, url)
+        if data is not None:
+            probe(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
+        job_id = new_id()
+        input_key = None if data is None else f"inputs/{job_id}"
+        if input_key:
+            await asyncio.to_thread(system.objects.put, input_key, data, "application/octet-stream")
+        job, created = await asyncio.to_thread(
+            system.records.create, job_id=job_id, options=_stored(options), input_key=input_key,
+            image_url=image_url, webhook=webhook, idempotency_key=idempotency_key)
+        if not created:
+            if input_key:
+                await asyncio.to_thread(system.objects.delete, [input_key])
+            return system.view(job), False
+        try:
+            await asyncio.to_thread(self._enqueue, job.id)
+        except Exception as exc:  # noqa: BLE001  the broker is down or unreachable
+            await asyncio.to_thread(system.records.delete, [job.id])
+            if input_key:
+                await asyncio.to_thread(system.objects.delete, [input_key])
+            raise QueueUnavailable(f"the job queue cannot take jobs now ({type(exc).__name__}); "
+                                   "nothing was kept, retry shortly", retry_after_s=5) from None
+        return system.view(job), True
+
+    async def get(self, job_id: str) -> dict:
+        return self.system.view(await self._job(job_id))
+
+    async def cancel(self, job_id: str) -> dict:
+        await self._job(job_id)
+        return self.system.view(await asyncio.to_thread(self.system.records.cancel, job_id))
+
+    async def page(self, status: str | None, cursor: str | None, limit: int) -> dict:
+        if status is not None and status not in STATUSES:
+            raise InvalidOption(f"status must be one of {', '.join(STATUSES)}")
+        if not 1 <= limit <= 1000:
+            raise InvalidOption("limit must be between 1 and 1000")
+        try:
+            jobs, after = await asyncio.to_thread(self.system.records.page, status=status, cursor=cursor, limit=limit)
+        except KeyError:
+            raise InvalidOption("the cursor names no job") from None
+        return {"jobs": [self.system.view(job) for job in jobs], "next_cursor": after}
+
+    async def result(self, job_id: str) -> tuple[bytes | None, str | None, str]:
+        """(the image, or None with a URL to fetch it from; its format)."""
+        job = await self._job(job_id)
+        if job.status != "succeeded":
+            raise JobNotDone(f"job {job_id} is {job.status}; its result exists once it has succeeded")
+        key, fmt = job.output["key"], job.output["format"]
+        url = await asyncio.to_thread(self.system.objects.url, key, 3600)
+        if url is not None:
+            return None, url, fmt
+        return await asyncio.to_thread(self.system.objects.get, key), None, fmt
+
+    async def _job(self, job_id: str):
+        job = await asyncio.to_thread(self.system.records.get, job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id} (jobs are kept {self.args.jobs.retention_s / 3600:g} h)")
+        return job
+
+    # ------------------------------------------------------------------ HTTP
+    async def http(self, request: Request, parts: list[str], read_submit) -> Response:
+        """Routes under /v1/jobs; ``read_submit`` reads a submit's body (admission, time limit)."""
+        method = request.method
+        if parts == [] and method == "POST":
+            data, values, limits = await read_submit()
+            view, created = await self.submit(data, values, limits, request.headers.get("idempotency-key"))
+            return JSONResponse(view, 202 if created else 200, headers={"location": view["urls"]["get"]})
+        if parts == [] and method == "GET":
+            q = request.query_params
+            limit = q.get("limit", "50")
+            if not limit.isdigit():
+                raise InvalidOption("limit must be a whole number")
+            return JSONResponse(await self.page(q.get("status"), q.get("cursor"), int(limit)))
+        if len(parts) == 1 and method == "GET":
+            return JSONResponse(await self.get(parts[0]))
+        if len(parts) == 2 and parts[1] == "cancel" and method == "POST":
+            return JSONResponse(await self.cancel(parts[0]))
+        if len(parts) == 2 and parts[1] == "result" and method == "GET":
+            data, url, fmt = await self.result(parts[0])
+            if url is not None:
+                return RedirectResponse(url, 307)
+            return Response(data, media_type=CONTENT_TYPES[fmt])
+        raise NotFound(f"no route {method} {urlsplit(str(request.url)).path}")
+
+
+def _stored(options: RestoreOptions) -> dict:
+    return options.model_dump(mode="json", exclude_none=True)

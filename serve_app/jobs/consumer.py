@@ -1,0 +1,134 @@
+"""The job consumers: a Ray Serve task consumer (Celery on Redis) that runs each queued job
+through the same CPU deployment as /v1/restore, so jobs share its engines, limits and errors.
+
+A delivery is processed at least once; its record changes exactly once (``JobRecords``):
+- a redelivered job that already ended is acknowledged and dropped;
+- an error in the input (the synchronous path's 4xx: an SVG, a pixel bomb, a refused URL)
+  fails the job at once, never retried;
+- a passing failure (a lost replica, overload, a timeout) is retried by raising, up to
+  ``max_retries``, then fails the job with its code;
+- a job cancelled while it runs is abandoned: its work downstream is cancelled and whatever it
+  produced is discarded.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from ray.serve.task_consumer import task_consumer, task_handler
+
+from serve_app.api import RestoreOptions
+from serve_app.config import AppArgs, RuntimeConfig
+from serve_app.deployments.failures import typed_error
+from serve_app.errors import (
+    CorruptImage, NotAnImage, Overloaded, ReplicaLost, RequestTimeout, RestoreError, WeightsUnavailable,
+)
+from serve_app.imageio.probe import probe
+from serve_app.jobs.system import TASK, JobSystem, task_processor_config
+from serve_app.jobs.webhooks import Webhooks
+from serve_app.jobs.system import webhook_secret
+
+log = logging.getLogger("ray.serve")
+PASSING = (Overloaded, ReplicaLost, RequestTimeout, WeightsUnavailable)  # may succeed if tried again
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+class Canceled(Exception):
+    pass
+
+
+class JobConsumer:
+    def __init__(self, args: AppArgs, preprocess: DeploymentHandle):
+        self.args, self.preprocess, self.runtime = args, preprocess, RuntimeConfig()
+        self.jobs = JobSystem(args.jobs)
+        self.webhooks = Webhooks(self.jobs.urls, webhook_secret(args.jobs), give_up_s=args.jobs.webhook_give_up_s)
+        self.stop = threading.Event()
+        threading.Thread(target=self._sweep, name="job-sweeper", daemon=True).start()
+
+    def reconfigure(self, user_config: dict) -> None:
+        self.runtime = RuntimeConfig.model_validate(user_config)
+
+    @task_handler(name=TASK)
+    def restore(self, job_id: str) -> str:
+        records = self.jobs.records
+        attempt = records.start(job_id)
+        if attempt is None:
+            return "ended"  # a redelivery of a job that ended, or a cancelled one
+        job = records.get(job_id)
+        log.info("job %s attempt %d started", job_id, attempt)
+        try:
+            key, output = self._run(job, attempt)
+        except Canceled:
+            log.info("job %s cancelled while it ran", job_id)
+            return "canceled"
+        except Exception as exc:  # noqa: BLE001  every failure is recorded or retried
+            error = typed_error(exc)
+            if not isinstance(error, RestoreError):
+                error = ReplicaLost(f"the job failed unexpectedly: {type(exc).__name__}: {exc}")
+            if isinstance(error, PASSING) and attempt <= self.args.jobs.max_retries:
+                log.warning("job %s attempt %d failed (%s), retried", job_id, attempt, error.code)
+                raise  # unacknowledged: Celery hands it out again
+            if records.fail(job_id, attempt, error.code, error.detail):
+                log.info("job %s failed: %s", job_id, error.code)
+                self._notify(job_id, "failed")
+            return "failed"
+        if not records.succeed(job_id, attempt, output):
+            self.jobs.objects.delete([key])  # cancelled at the last moment, or taken over
+            return "discarded"
+        log.info("job %s succeeded", job_id)
+        self._notify(job_id, "succeeded")
+        return "succeeded"
+
+    def _run(self, job, attempt: int) -> tuple[str, dict]:
+        limits = self.runtime.limits
+        if job.input_key is not None:
+            data = self.jobs.objects.get(job.input_key)
+        else:
+            def check_head(head: bytes) -> None:  # a pixel bomb or an SVG stops the download
+                try:
+                    probe(head, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
+                except (CorruptImage, NotAnImage):
+                    pass  # a header longer than what came so far: the whole decode decides
+            data = self.jobs.urls.fetch(job.image_url, max_bytes=limits.max_bytes, check_head=check_head)
+        options = RestoreOptions.model_validate(job.options)
+        deadline = time.time() + self.runtime.request_timeout_s
+        response = self.preprocess.restore_bytes.remote(data, options, deadline)
+        while True:  # wait, looking for a cancellation now and then
+            try:
+                encoded = response.result(timeout_s=0.5)
+                break
+            except TimeoutError:
+                if self.jobs.records.get(job.id).status == "canceled":
+                    response.cancel()
+                    raise Canceled() from None
+        key = f"results/{job.id}.{encoded.format}"
+        self.jobs.objects.put(key, encoded.data, CONTENT_TYPES[encoded.format])
+        return key, {"key": key, "format": encoded.format, "bytes": len(encoded.data),
+                     "width": encoded.width, "height": encoded.height, "faces": encoded.faces}
+
+    def _notify(self, job_id: str, event: str) -> None:
+        job = self.jobs.records.get(job_id)
+        if job is not None and job.webhook:
+            self.webhooks.send(job.webhook, f"job.{event}", self.jobs.view(job))
+
+    def _sweep(self) -> None:
+        """Remove what passed its retention: records, inputs and results."""
+        while not self.stop.wait(60):
+            try:
+                expired = self.jobs.records.expired()
+                keys = [k for job in expired for k in (job.input_key, (job.output or {}).get("key")) if k]
+                self.jobs.objects.delete(keys)
+                self.jobs.records.delete([job.id for job in expired])
+            except Exception:  # noqa: BLE001  the next sweep tries again
+                log.exception("job sweep failed")
+
+
+def consumer_deployment(args: AppArgs):
+    """The consumer as a deployment: the task processor's settings come from ``args.jobs``, so the
+    class is decorated here, when the graph is built (serve_config.yaml's ``JobConsumer``
+    entry sets its replicas)."""
+    consumer = task_consumer(task_processor_config=task_processor_config(args.jobs))(JobConsumer)
+    return serve.deployment(name="JobConsumer")(consumer)
