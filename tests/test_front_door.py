@@ -35,12 +35,15 @@ def _config(weights_dir: Path, cache: Path) -> dict:
                        face_models=["GFPGANv1.4", "GFPGANv1.3"])  # RealESRNet_x4plus, GFPGANv1.3: no weights
     app["args"]["weights"] = {"folder": str(weights_dir), "cache_dir": str(cache), "download": False,
                               "retry_interval_s": 30}
-    app["args"]["jobs"] = {"data_dir": str(cache.parent / "jobs")}  # the launcher starts its Redis there
+    # The launcher starts its Redis there; a job whose consumer is lost is handed out again soon.
+    app["args"]["jobs"] = {"data_dir": str(cache.parent / "jobs"), "visibility_timeout_s": 15}
     for d in app["deployments"]:
         d["user_config"] = {**d["user_config"], "request_timeout_s": TIMEOUT_S, "max_in_flight": IN_FLIGHT,
                             "body_timeout_s": BODY_TIMEOUT_S}
         if d["name"] == "Ingress":
             d["graceful_shutdown_timeout_s"] = 40
+        if d["name"] == "JobConsumer":
+            d["max_ongoing_requests"] = 1  # one job at a time: the others wait in the queue
     return config
 
 
@@ -77,6 +80,18 @@ def _png(img) -> bytes:
     return cv2.imencode(".png", img)[1].tobytes()
 
 
+def _launch(config_path: Path, log_path: Path) -> subprocess.Popen:
+    """The README's main command, as a user runs it; returned once the application is RUNNING."""
+    command = [str(Path(sys.executable).parent / "restore-serve"), str(config_path), "--num-cpus", "2"]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, "RAY_SERVE_SLOW_STARTUP_WARNING_S": "5"})
+    _wait_for(lambda: "RUNNING: listening" in log_path.read_text() or process.poll() is not None, 300,
+              "the application RUNNING")
+    assert process.poll() is None, log_path.read_text()[-3000:]
+    return process
+
+
 @pytest.fixture(scope="module")
 def launched(weights_dir, tmp_path_factory):
     assert not _ray_processes(), "another Ray instance is running: this module starts its own"
@@ -84,17 +99,11 @@ def launched(weights_dir, tmp_path_factory):
     config_path = tmp / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(_config(weights_dir, tmp / "cache")))
     log_path = tmp / "restore-serve.log"
-    command = [str(Path(sys.executable).parent / "restore-serve"), str(config_path), "--num-cpus", "2"]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "RAY_SERVE_SLOW_STARTUP_WARNING_S": "5"})
-    state = {"process": process, "log": log_path}
+    state = {"process": _launch(config_path, log_path), "log": log_path, "config": config_path}
     try:
-        _wait_for(lambda: "RUNNING: listening" in log_path.read_text() or process.poll() is not None, 300,
-                  "the application RUNNING")
-        assert process.poll() is None, log_path.read_text()[-3000:]
         yield state
     finally:
+        process = state["process"]
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
@@ -312,11 +321,17 @@ def test_sigterm_drains_requests_in_flight_then_leaves_no_ray_process(launched, 
     process = launched["process"]
     in_flight_picture = _png(np.ascontiguousarray(astronaut_bgr[:140, :140]))  # x4plus: about 10 s on two cores
 
+    slow_job = _png(np.ascontiguousarray(astronaut_bgr[:96, :96]))
+
     async def main():
         async with httpx.AsyncClient(base_url=URL, timeout=60) as http:
             in_flight = asyncio.ensure_future(
                 http.post("/v1/restore", params={"model": "RealESRGAN_x4plus"}, content=in_flight_picture))
             await asyncio.sleep(1.0)
+            # Jobs the stop catches, one running and two queued (one consumer thread here): the
+            # next test restarts the service for them.
+            launched["jobs"] = [(await http.post("/v1/jobs", params={"model": "RealESRGAN_x4plus"},
+                                                 content=slow_job)).json()["id"] for _ in range(3)]
             process.send_signal(signal.SIGTERM)
 
             async def probe():
@@ -342,3 +357,24 @@ def test_sigterm_drains_requests_in_flight_then_leaves_no_ray_process(launched, 
     assert "stopped the job queue's Redis" in log
     _wait_for(lambda: not _ray_processes(), 30, "every Ray process gone")
     assert not _ray_processes(("jobs/broker/redis.conf",))  # the job queue's Redis it started
+
+
+def test_jobs_caught_by_a_stop_complete_after_a_restart(launched):
+    # After the previous test's SIGTERM: the same command on the same configuration, whose
+    # Redis and records are on disk under jobs.data_dir.
+    from serve_app.jobs.records import JobRecords
+
+    records = JobRecords(f"sqlite:///{launched['config'].parent / 'jobs' / 'jobs.db'}")
+    caught = [job_id for job_id in launched["jobs"] if not records.get(job_id).final]
+    records.close()
+    assert caught, "every job ended before the stop: nothing to carry over"
+    launched["process"] = _launch(launched["config"], launched["log"].with_name("restart.log"))
+
+    def ended(job_id: str) -> dict | None:
+        job = httpx.get(f"{URL}/v1/jobs/{job_id}", timeout=10).json()
+        return job if job["status"] in ("succeeded", "failed", "canceled") else None
+
+    for job_id in launched["jobs"]:
+        done = _wait_for(lambda: ended(job_id), 240, f"job {job_id} after the restart")
+        assert done["status"] == "succeeded", done
+        assert httpx.get(f"{URL}/v1/jobs/{job_id}/result", timeout=10).status_code == 200

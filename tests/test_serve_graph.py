@@ -69,6 +69,7 @@ def _config(weights_dir: Path, cache: Path, runtime: dict, jobs: dict) -> dict:
                                 "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 2,
                                 "metrics_interval_s": 0.5}
     deployments["FaceDeployment"]["ray_actor_options"]["num_gpus"] = 0.25  # room for two upscalers
+    deployments["JobConsumer"]["max_ongoing_requests"] = 1  # one job at a time: the next stays queued
     return config
 
 
@@ -149,7 +150,7 @@ def deployed(weights_dir, tmp_path_factory):
     _wait_for(_running, 180, "the application on the new GPU node")
     print(f"GPU node added: application RUNNING {time.monotonic() - started:.1f} s later")
     yield {"config": config, "path": tmp / "config.yaml", "cluster": cluster, "gpu_node": gpu_node,
-           "jobs_dir": tmp / "jobs"}
+           "jobs_dir": tmp / "jobs", "broker": broker}
     serve.shutdown()
     ray.shutdown()
     cluster.shutdown()
@@ -359,6 +360,11 @@ def test_bad_jobs_are_refused_at_submit_or_fail_at_once_with_the_synchronous_cod
     job = client.post("/v1/jobs", json={"image_url": f"{files.url}/drawing.svg"}).json()
     failed = _job_until(client, job["id"], _ended)
     assert failed["status"] == "failed" and failed["error"]["code"] == "unsupported_format", failed
+    assert failed["metrics"]["attempts"] == 1  # an input error is not retried
+    files.files["/bomb.png"] = _png_bomb()
+    bomb = client.post("/v1/jobs", json={"image_url": f"{files.url}/bomb.png"}).json()
+    bombed = _job_until(client, bomb["id"], _ended)
+    assert (bombed["error"]["code"], bombed["metrics"]["attempts"]) == ("too_many_pixels", 1), bombed
     missing = client.post("/v1/jobs", json={"image_url": f"{files.url}/nothing.png"}).json()
     assert _job_until(client, missing["id"], _ended)["error"]["code"] == "url_unreachable"
     assert client.get(f"/v1/jobs/{job['id']}/result").json()["error"] == "job_not_done"
@@ -367,16 +373,57 @@ def test_bad_jobs_are_refused_at_submit_or_fail_at_once_with_the_synchronous_cod
     assert len(listed["jobs"]) == 1 and listed["next_cursor"] and listed["jobs"][0]["status"] == "failed"
 
 
-def test_a_running_job_cancelled_ends_canceled_without_a_result(client, astronaut_bgr):
-    slow = _png(np.ascontiguousarray(astronaut_bgr[:128, :128]))  # x4plus on the CPU: many seconds
-    job = client.post("/v1/jobs", params={"model": "RealESRGAN_x4plus"}, content=slow).json()
-    _job_until(client, job["id"], lambda j: j["status"] != "queued", 60)
-    canceled = client.post(f"/v1/jobs/{job['id']}/cancel").json()
-    assert canceled["status"] == "canceled" and canceled["completed_at"]
-    time.sleep(2)
-    after = client.get(f"/v1/jobs/{job['id']}").json()
-    assert after["status"] == "canceled" and after["output"] is None
-    assert client.get(f"/v1/jobs/{job['id']}/result").status_code == 409
+def _slow_job(client, astronaut_bgr) -> dict:
+    slow = _png(np.ascontiguousarray(astronaut_bgr[:128, :128]))  # x4plus on the CPU: seconds
+    return client.post("/v1/jobs", params={"model": "RealESRGAN_x4plus"}, content=slow).json()
+
+
+def test_cancelling_a_queued_job_and_a_running_one(client, astronaut_bgr, small_photo):
+    running = _slow_job(client, astronaut_bgr)
+    _job_until(client, running["id"], lambda j: j["status"] != "queued", 60)
+    queued = client.post("/v1/jobs", params={"model": "realesr-animevideov3"}, content=_png(small_photo)).json()
+    canceled = client.post(f"/v1/jobs/{queued['id']}/cancel").json()  # the one consumer is busy
+    assert canceled["status"] == "canceled" and canceled["started_at"] is None
+    canceled = client.post(f"/v1/jobs/{running['id']}/cancel").json()
+    assert canceled["status"] == "canceled" and canceled["started_at"] and canceled["completed_at"]
+    time.sleep(3)  # the consumer sees the cancellation, drops its work, takes the queued job
+    never_ran, stopped = (client.get(f"/v1/jobs/{j['id']}").json() for j in (queued, running))
+    assert never_ran["status"] == "canceled" and never_ran["started_at"] is None
+    assert stopped["status"] == "canceled" and stopped["output"] is None
+    assert client.get(f"/v1/jobs/{running['id']}/result").status_code == 409
+
+
+def test_a_consumer_killed_mid_job_has_its_job_done_again_once(deployed, client, astronaut_bgr):
+    from ray.util.state import list_actors
+
+    job = _slow_job(client, astronaut_bgr)
+    _job_until(client, job["id"], lambda j: j["status"] == "processing", 60)
+    consumer = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "JobConsumer" in a.class_name]
+    assert len(consumer) == 1
+    os.kill(consumer[0].pid, 9)  # no goodbye: the job stays unacknowledged in Redis
+    done = _job_until(client, job["id"], _ended, 180)  # handed out again after visibility_timeout_s
+    assert done["status"] == "succeeded" and done["metrics"]["attempts"] == 2, done
+    results = list((deployed["jobs_dir"] / "objects" / "results").glob(f"{job['id']}.*"))
+    assert len(results) == 1 and _image(client.get(f"/v1/jobs/{job['id']}/result")).shape == (512, 512, 3)
+
+
+def test_a_broker_that_is_down_refuses_submits_and_keeps_nothing(deployed, client, small_photo):
+    broker, port = deployed["broker"], int(deployed["config"]["applications"][0]["args"]["jobs"]["broker_url"]
+                                           .rsplit(":", 1)[1].split("/")[0])
+    before = client.get("/v1/jobs", params={"limit": 1000}).json()["jobs"]
+    inputs = deployed["jobs_dir"] / "objects" / "inputs"
+    kept = set(inputs.iterdir()) if inputs.exists() else set()
+    broker.stop()
+    try:
+        refused = client.post("/v1/jobs", params={"model": "realesr-animevideov3"}, content=_png(small_photo))
+        assert refused.status_code == 503 and refused.json()["error"] == "queue_unavailable", refused.text
+        assert refused.headers["retry-after"]
+        assert client.get("/v1/jobs", params={"limit": 1000}).json()["jobs"] == before  # no half-made job
+        assert (set(inputs.iterdir()) if inputs.exists() else set()) == kept
+    finally:
+        broker.start(port=port)
+    job = client.post("/v1/jobs", params={"model": "realesr-animevideov3"}, content=_png(small_photo)).json()
+    assert _job_until(client, job["id"], _ended, 120)["status"] == "succeeded"  # the consumer reconnected
 
 
 def test_jobs_through_the_python_handle(deployed, small_photo):

@@ -84,4 +84,5 @@ def _metrics(job: JobRecord) -> dict:
     queued = (job.started_at or job.completed_at or job.updated_at) - job.created_at if job.status != "queued" else None
     taken = job.completed_at - job.started_at if job.completed_at and job.started_at else None
     return {"queued_s": None if queued is None else round(queued.total_seconds(), 3),
-            "run_s": None if taken is None else round(taken.total_seconds(), 3)}
+            "run_s": None if taken is None else round(taken.total_seconds(), 3),
+            "attempts": job.attempt}  # deliveries: more than one after a consumer was lost
