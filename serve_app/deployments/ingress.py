@@ -27,16 +27,15 @@ from serve_app.deployments.heap import freeze_heap, keep_freed_memory
 from serve_app.deployments.logs import quiet_client_errors
 from serve_app.deployments.jobs_api import JobsApi
 from serve_app.deployments.request_body import (
-    base64_field, image_request, job_request, json_object, raw_body, within,
+    base64_field, image_request, json_object, raw_body, request_fields, within,
 )
 from serve_app.errors import (
     Draining, MethodNotAllowed, NotFound, Overloaded, RequestTimeout, RestoreError, WeightsUnavailable,
 )
-from serve_app.imageio import encode
+from serve_app.imageio import CONTENT_TYPES, encode
 from serve_app.weights import MODELS, WeightsStore
 
 log = logging.getLogger("ray.serve")
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 @serve.deployment
@@ -129,7 +128,7 @@ class Ingress:
         async def read_submit():
             self._check_room()
             limits = self.runtime.limits
-            data, values = await within(self.runtime.body_timeout_s, job_request(request, limits))
+            data, values, _ = await within(self.runtime.body_timeout_s, request_fields(request, limits))
             return data, values, limits
 
         return await self.jobs.http(request, [p for p in path[len("/v1/jobs"):].split("/") if p], read_submit)

@@ -19,11 +19,9 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from serve_app.api import RestoreOptions, parse_options
 from serve_app.config import AppArgs, LimitsConfig
 from serve_app.errors import InvalidOption, JobNotDone, NotFound, QueueUnavailable
-from serve_app.imageio.probe import probe
+from serve_app.imageio import CONTENT_TYPES, probe
 from serve_app.jobs.records import STATUSES, new_id
 from serve_app.jobs.system import TASK, JobSystem, task_processor_config
-
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 class JobsApi:

@@ -29,41 +29,32 @@ async def within(timeout_s: float, reading):
 
 async def image_request(request: Request, limits: LimitsConfig) -> tuple[bytes, dict, bool]:
     """(image bytes, options, wants JSON) from a raw, multipart or JSON body."""
+    data, values, kind = await request_fields(request, limits)
+    if data is None and kind == "multipart":
+        raise InvalidOption("the multipart form needs the image file in field 'image'")
+    if data is None and kind == "json":
+        raise InvalidOption("JSON field 'image' must hold the base64 image")
+    return data or b"", values, kind == "json"
+
+
+async def request_fields(request: Request, limits: LimitsConfig) -> tuple[bytes | None, dict, str]:
+    """(the image bytes or None, the other fields, the body's kind: "multipart", "json" or "raw")
+    from the query string and a raw, multipart or JSON body. A job may leave the image out for
+    an ``image_url``."""
     values = dict(request.query_params)
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         _body_limit(request, limits, length_required=True)  # the form parser reads the rest itself
         form = await request.form(max_files=1, max_fields=32)
         upload = form.get("image")
-        if not isinstance(upload, UploadFile):
-            raise InvalidOption("the multipart form needs the image file in field 'image'")
         values.update({k: v for k, v in form.items() if k != "image" and isinstance(v, str)})
-        return await upload.read(), values, False
+        return (await upload.read() if isinstance(upload, UploadFile) else None), values, "multipart"
     body = await raw_body(request, limits)
     if content_type.startswith("application/json"):
         document = json_object(body)
         values.update({k: v for k, v in document.items() if k != "image"})
-        return base64_field(document.get("image"), "image"), values, True
-    return body, values, False
-
-
-async def job_request(request: Request, limits: LimitsConfig) -> tuple[bytes | None, dict]:
-    """(image bytes or None, the other fields) of a job submit: the forms of ``image_request``,
-    where the image may be left out for an ``image_url``."""
-    values = dict(request.query_params)
-    content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
-        _body_limit(request, limits, length_required=True)
-        form = await request.form(max_files=1, max_fields=32)
-        upload = form.get("image")
-        values.update({k: v for k, v in form.items() if k != "image" and isinstance(v, str)})
-        return (await upload.read() if isinstance(upload, UploadFile) else None), values
-    body = await raw_body(request, limits)
-    if content_type.startswith("application/json"):
-        document = json_object(body)
-        values.update({k: v for k, v in document.items() if k != "image"})
-        return (base64_field(document["image"], "image") if "image" in document else None), values
-    return body or None, values
+        return (base64_field(document["image"], "image") if "image" in document else None), values, "json"
+    return body or None, values, "raw"
 
 
 async def raw_body(request: Request, limits: LimitsConfig) -> bytes:

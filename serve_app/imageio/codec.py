@@ -19,6 +19,7 @@ from serve_app.imageio.probe import ImageHeader, probe
 
 Mode = Literal["L", "BGR", "BGRA"]
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}  # of each output format
 _MODES = {2: "L", 3: "BGR", 4: "BGRA"}
 
 

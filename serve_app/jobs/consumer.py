@@ -26,14 +26,12 @@ from serve_app.deployments.failures import typed_error
 from serve_app.errors import (
     CorruptImage, NotAnImage, Overloaded, ReplicaLost, RequestTimeout, RestoreError, WeightsUnavailable,
 )
-from serve_app.imageio.probe import probe
-from serve_app.jobs.system import TASK, JobSystem, task_processor_config
+from serve_app.imageio import CONTENT_TYPES, probe
+from serve_app.jobs.system import TASK, JobSystem, task_processor_config, webhook_secret
 from serve_app.jobs.webhooks import Webhooks
-from serve_app.jobs.system import webhook_secret
 
 log = logging.getLogger("ray.serve")
 PASSING = (Overloaded, ReplicaLost, RequestTimeout, WeightsUnavailable)  # may succeed if tried again
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 class Canceled(Exception):
