@@ -115,3 +115,13 @@ def test_records_expire_after_the_retention(records):
     later = job.expires_at
     assert [j.id for j in records.expired(later)] == [job.id]
     assert records.delete([job.id]) == 1 and records.get(job.id) is None
+
+
+def test_replicas_opening_a_new_database_at_once_all_get_the_table(tmp_path):
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    with ThreadPoolExecutor(4) as pool:  # every ingress and consumer replica creates it at start
+        opened = list(pool.map(lambda _: JobRecords(url), range(4)))
+    job, _ = opened[0].create(options=OPTIONS)
+    assert all(records.get(job.id) == job for records in opened)
+    for records in opened:
+        records.close()

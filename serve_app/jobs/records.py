@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import JSON, DateTime, Integer, String, Text, create_engine, delete, event, func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 STATUSES = ("queued", "processing", "succeeded", "failed", "canceled")
@@ -108,7 +108,10 @@ class JobRecords:
                 cursor.execute("PRAGMA synchronous=NORMAL")
                 cursor.close()
         self.retention = timedelta(seconds=retention_s)
-        _Base.metadata.create_all(self.engine)
+        try:
+            _Base.metadata.create_all(self.engine)
+        except DBAPIError:  # every replica creates the table at start: another one won the race
+            _Base.metadata.create_all(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
