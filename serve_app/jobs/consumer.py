@@ -116,10 +116,8 @@ class JobConsumer:
         """Remove what passed its retention: records, inputs and results."""
         while not self.stop.wait(60):
             try:
-                expired = self.jobs.records.expired()
-                keys = [k for job in expired for k in (job.input_key, (job.output or {}).get("key")) if k]
-                self.jobs.objects.delete(keys)
-                self.jobs.records.delete([job.id for job in expired])
+                if swept := self.jobs.sweep():
+                    log.info("removed %d jobs past their retention", swept)
             except Exception:  # noqa: BLE001  the next sweep tries again
                 log.exception("job sweep failed")
 

@@ -61,6 +61,14 @@ class JobSystem:
             if config.s3_bucket else FolderStore(Path(config.resolved_data_dir()) / "objects"))
         self.urls = UrlPolicy(config.urls)
 
+    def sweep(self, at: datetime | None = None) -> int:
+        """Remove the jobs past their retention at ``at`` (default now): their inputs and results
+        first, then their records, so an object is never left without the record that names it.
+        Returns how many jobs went."""
+        expired = self.records.expired(at)
+        self.objects.delete([key for job in expired for key in (job.input_key, (job.output or {}).get("key")) if key])
+        return self.records.delete([job.id for job in expired])
+
     def view(self, job: JobRecord, base_url: str = "") -> dict:
         """The job as the API shows it."""
         link = f"{base_url}/v1/jobs/{job.id}"
