@@ -369,6 +369,9 @@ def test_bad_jobs_are_refused_at_submit_or_fail_at_once_with_the_synchronous_cod
     assert _job_until(client, missing["id"], _ended)["error"]["code"] == "url_unreachable"
     assert client.get(f"/v1/jobs/{job['id']}/result").json()["error"] == "job_not_done"
     assert client.get("/v1/jobs/job_unknown").status_code == 404
+    wrong = client.get(f"/v1/jobs/{job['id']}/cancel")  # a route of its own takes POST only
+    assert (wrong.status_code, wrong.headers["allow"], wrong.json()["error"]) == (405, "POST", "method_not_allowed")
+    assert client.get(f"/v1/jobs/{job['id']}/nothing").status_code == 404
     listed = client.get("/v1/jobs", params={"status": "failed", "limit": 1}).json()
     assert len(listed["jobs"]) == 1 and listed["next_cursor"] and listed["jobs"][0]["status"] == "failed"
 

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from serve_app.api import RestoreOptions, parse_options
 from serve_app.config import AppArgs, LimitsConfig
-from serve_app.errors import InvalidOption, JobNotDone, NotFound, QueueUnavailable
+from serve_app.errors import InvalidOption, JobNotDone, MethodNotAllowed, NotFound, QueueUnavailable
 from serve_app.imageio import CONTENT_TYPES, probe
 from serve_app.jobs.records import STATUSES, new_id
 from serve_app.jobs.system import TASK, JobSystem, task_processor_config
@@ -111,27 +111,31 @@ class JobsApi:
     # ------------------------------------------------------------------ HTTP
     async def http(self, request: Request, parts: list[str], read_submit) -> Response:
         """Routes under /v1/jobs; ``read_submit`` reads a submit's body (admission, time limit)."""
-        method = request.method
-        if parts == [] and method == "POST":
+        method, path = request.method, urlsplit(str(request.url)).path
+        shape = tuple(parts[1:]) if parts else None  # None: /v1/jobs itself; (): one job; ("cancel",) ...
+        allowed = {None: ("GET", "POST"), (): ("GET",), ("cancel",): ("POST",), ("result",): ("GET",)}.get(shape)
+        if allowed is None:
+            raise NotFound(f"no route {path}")
+        if method not in allowed:  # as the ingress's other routes answer
+            raise MethodNotAllowed(f"{path} takes {', '.join(allowed)}, not {method}", allowed)
+        if shape is None and method == "POST":
             data, values, limits = await read_submit()
             view, created = await self.submit(data, values, limits, request.headers.get("idempotency-key"))
             return JSONResponse(view, 202 if created else 200, headers={"location": view["urls"]["get"]})
-        if parts == [] and method == "GET":
+        if shape is None:
             q = request.query_params
             limit = q.get("limit", "50")
             if not limit.isdigit():
                 raise InvalidOption("limit must be a whole number")
             return JSONResponse(await self.page(q.get("status"), q.get("cursor"), int(limit)))
-        if len(parts) == 1 and method == "GET":
+        if shape == ():
             return JSONResponse(await self.get(parts[0]))
-        if len(parts) == 2 and parts[1] == "cancel" and method == "POST":
+        if shape == ("cancel",):
             return JSONResponse(await self.cancel(parts[0]))
-        if len(parts) == 2 and parts[1] == "result" and method == "GET":
-            data, url, fmt = await self.result(parts[0])
-            if url is not None:
-                return RedirectResponse(url, 307)
-            return Response(data, media_type=CONTENT_TYPES[fmt])
-        raise NotFound(f"no route {method} {urlsplit(str(request.url)).path}")
+        data, url, fmt = await self.result(parts[0])
+        if url is not None:
+            return RedirectResponse(url, 307)
+        return Response(data, media_type=CONTENT_TYPES[fmt])
 
 
 def _stored(options: RestoreOptions) -> dict:

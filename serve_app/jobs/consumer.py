@@ -58,7 +58,7 @@ class JobConsumer:
         job = records.get(job_id)
         log.info("job %s attempt %d started", job_id, attempt)
         try:
-            key, output = self._run(job, attempt)
+            key, output = self._run(job)
         except Canceled:
             log.info("job %s cancelled while it ran", job_id)
             return "canceled"
@@ -80,7 +80,7 @@ class JobConsumer:
         self._notify(job_id, "succeeded")
         return "succeeded"
 
-    def _run(self, job, attempt: int) -> tuple[str, dict]:
+    def _run(self, job) -> tuple[str, dict]:
         limits = self.runtime.limits
         if job.input_key is not None:
             data = self.jobs.objects.get(job.input_key)

@@ -69,9 +69,9 @@ class JobSystem:
         self.objects.delete([key for job in expired for key in (job.input_key, (job.output or {}).get("key")) if key])
         return self.records.delete([job.id for job in expired])
 
-    def view(self, job: JobRecord, base_url: str = "") -> dict:
-        """The job as the API shows it."""
-        link = f"{base_url}/v1/jobs/{job.id}"
+    def view(self, job: JobRecord) -> dict:
+        """The job as the API shows it; its links are paths on the service."""
+        link = f"/v1/jobs/{job.id}"
         view = {"id": job.id, "status": job.status, "created_at": _iso(job.created_at),
                 "started_at": _iso(job.started_at), "completed_at": _iso(job.completed_at),
                 "updated_at": _iso(job.updated_at), "expires_at": _iso(job.expires_at),
