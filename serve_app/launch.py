@@ -146,16 +146,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _start_broker(config: dict):
-    """Where the config names no broker for jobs, a private Redis under jobs.data_dir."""
+    """Where the config names no broker for jobs, a private Redis under jobs.data_dir; the
+    consumers' autoscaling policy polls the same broker."""
     from serve_app.config import JobsConfig
+    from serve_app.jobs.autoscaling import with_queue_broker
     from serve_app.jobs.broker import LocalBroker
 
     jobs = config["applications"][0].setdefault("args", {}).setdefault("jobs", {})
-    if jobs.get("broker_url"):
-        return None
-    broker = LocalBroker(JobsConfig.model_validate(jobs).resolved_data_dir() / "broker")
-    jobs["broker_url"] = broker.start()
-    log.info("the job queue's Redis runs in %s", broker.folder)
+    broker = None
+    if not jobs.get("broker_url"):
+        broker = LocalBroker(JobsConfig.model_validate(jobs).resolved_data_dir() / "broker")
+        jobs["broker_url"] = broker.start()
+        log.info("the job queue's Redis runs in %s", broker.folder)
+    with_queue_broker(config)
     return broker
 
 

@@ -22,6 +22,12 @@ def _minimum(deployment: dict) -> int:
     return int(deployment.get("num_replicas", 1))
 
 
+def _room_for(deployment: dict) -> int:
+    """Replicas the machine must hold room for: one at least, for a deployment that scales to
+    zero (the job consumers) must still start one when work comes."""
+    return max(1, _minimum(deployment))
+
+
 def _set_minimum(deployment: dict, count: int) -> None:
     if deployment.get("autoscaling_config"):
         deployment["autoscaling_config"]["min_replicas"] = count
@@ -41,7 +47,7 @@ def fit_to_node(config: dict, cpus: float, gpus: float) -> tuple[dict, list[str]
             return float(d.get("ray_actor_options", {}).get(resource, 0))
 
         def demand(resource: str) -> float:
-            return sum(_minimum(d) * need(d, resource) for d in deployments)
+            return sum(_room_for(d) * need(d, resource) for d in deployments)
 
         # 1. The minimum must place: shrink the minimum of the deployments with more than one
         # replica, largest CPU share first, down to one replica each.
@@ -64,7 +70,7 @@ def fit_to_node(config: dict, cpus: float, gpus: float) -> tuple[dict, list[str]
             if not scaling:
                 continue
             room = [(capacity[r] - demand(r)) / need(d, r) for r in _RESOURCES if need(d, r) > 0]
-            most = _minimum(d) + max(0, math.floor(min(room) + 1e-9) if room else 0)
+            most = _room_for(d) + max(0, math.floor(min(room) + 1e-9) if room else 0)
             if scaling.get("max_replicas", most) > most:
                 changes.append(f"{d['name']}: at most {scaling['max_replicas']} -> {most} replicas, "
                                f"as this machine holds")

@@ -11,7 +11,8 @@ CONFIG = yaml.safe_load((Path(__file__).resolve().parent.parent / "serve_config.
 def _demand(config: dict) -> tuple[float, float]:
     cpus = gpus = 0.0
     for d in config["applications"][0]["deployments"]:
-        count = d.get("autoscaling_config", {}).get("min_replicas") or d.get("num_replicas", 1)
+        # a deployment that scales to zero (the job consumers) needs room for one when work comes
+        count = max(1, d["autoscaling_config"]["min_replicas"]) if "autoscaling_config" in d else d.get("num_replicas", 1)
         cpus += count * d["ray_actor_options"]["num_cpus"]
         gpus += count * d["ray_actor_options"]["num_gpus"]
     return cpus, gpus
@@ -26,8 +27,8 @@ def test_the_shipped_config_does_not_fit_two_cores_as_written_and_fits_once_fitt
         for d in fitted["applications"][0]["deployments"]:
             scaling = d.get("autoscaling_config")
             if scaling:  # no autoscaled replica waits forever for a node that never comes
-                assert 1 <= scaling["min_replicas"] <= scaling["max_replicas"]
-                others = need_cpus - scaling["min_replicas"] * d["ray_actor_options"]["num_cpus"]
+                assert 1 <= max(1, scaling["min_replicas"]) <= scaling["max_replicas"]
+                others = need_cpus - max(1, scaling["min_replicas"]) * d["ray_actor_options"]["num_cpus"]
                 assert others + scaling["max_replicas"] * d["ray_actor_options"]["num_cpus"] <= cpus + 1e-9
 
 

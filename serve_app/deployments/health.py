@@ -13,13 +13,15 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.deployments.failures import typed_error
+from serve_app.jobs.system import CONSUMER
 
 _ANSWER_WITHIN_S = 10.0
 
 
 def _deployment_problems() -> tuple[dict[str, dict], bool]:
     """(deployments that are not HEALTHY, with Serve's status and message; whether each
-    deployment has at least one running replica)."""
+    deployment a request goes through has at least one running replica). The job consumers are
+    not on a request's path, and have none while no job waits."""
     context = serve.get_replica_context()
     app = serve.status().applications.get(context.app_name)
     if app is None:
@@ -27,7 +29,7 @@ def _deployment_problems() -> tuple[dict[str, dict], bool]:
     problems, all_running = {}, True
     for name, deployment in app.deployments.items():
         running = deployment.replica_states.get("RUNNING", 0)
-        all_running = all_running and running > 0
+        all_running = all_running and (running > 0 or name == CONSUMER)
         if deployment.status != "HEALTHY":
             problems[name] = {"status": str(deployment.status), "replicas": dict(deployment.replica_states),
                               "message": deployment.message}

@@ -5,8 +5,9 @@ A delivery is processed at least once; its record changes exactly once (``JobRec
 - a redelivered job that already ended is acknowledged and dropped;
 - an error in the input (the synchronous path's 4xx: an SVG, a pixel bomb, a refused URL)
   fails the job at once, never retried;
-- a passing failure (a lost replica, overload, a timeout) is retried by raising, up to
-  ``max_retries``, then fails the job with its code;
+- a graph at capacity (``overloaded``) makes the job wait and try again within the delivery;
+- a passing failure (a lost replica, lasting overload, a timeout) is retried by raising, up to
+  ``max_retries`` (Celery waits 1, 2, 4... s between), then fails the job with its code;
 - a job cancelled while it runs is abandoned: its work downstream is cancelled and whatever it
   produced is discarded.
 """
@@ -27,7 +28,7 @@ from serve_app.errors import (
     CorruptImage, NotAnImage, Overloaded, ReplicaLost, RequestTimeout, RestoreError, WeightsUnavailable,
 )
 from serve_app.imageio import CONTENT_TYPES, probe
-from serve_app.jobs.system import TASK, JobSystem, task_processor_config, webhook_secret
+from serve_app.jobs.system import CONSUMER, TASK, JobSystem, task_processor_config, webhook_secret
 from serve_app.jobs.webhooks import Webhooks
 
 log = logging.getLogger("ray.serve")
@@ -92,20 +93,47 @@ class JobConsumer:
                     pass  # a header longer than what came so far: the whole decode decides
             data = self.jobs.urls.fetch(job.image_url, max_bytes=limits.max_bytes, check_head=check_head)
         options = RestoreOptions.model_validate(job.options)
-        deadline = time.time() + self.runtime.request_timeout_s
-        response = self.preprocess.restore_bytes.remote(data, options, deadline)
-        while True:  # wait, looking for a cancellation now and then
+        # A graph at capacity makes a job wait, not fail: it is tried again after the Retry-After
+        # the graph gave, for up to half the visibility timeout (past that Redis would hand the
+        # job to another consumer), before the attempt counts as failed.
+        waits_until = time.monotonic() + self.args.jobs.visibility_timeout_s / 2
+        while True:
             try:
-                encoded = response.result(timeout_s=0.5)
+                encoded = self._restore(job.id, data, options)
                 break
-            except TimeoutError:
-                if self.jobs.records.get(job.id).status == "canceled":
-                    response.cancel()
-                    raise Canceled() from None
+            except Canceled:
+                raise
+            except Exception as exc:  # noqa: BLE001  anything but overload goes up
+                error = typed_error(exc)
+                if not isinstance(error, Overloaded) or time.monotonic() + error.retry_after_s > waits_until:
+                    raise
+                log.info("job %s waits %d s: the graph is at capacity", job.id, error.retry_after_s)
+                self._pause(job.id, error.retry_after_s)
         key = f"results/{job.id}.{encoded.format}"
         self.jobs.objects.put(key, encoded.data, CONTENT_TYPES[encoded.format])
         return key, {"key": key, "format": encoded.format, "bytes": len(encoded.data),
                      "width": encoded.width, "height": encoded.height, "faces": encoded.faces}
+
+    def _restore(self, job_id: str, data: bytes, options: RestoreOptions):
+        deadline = time.time() + self.runtime.request_timeout_s
+        response = self.preprocess.restore_bytes.remote(data, options, deadline)
+        while True:  # wait, looking for a cancellation now and then
+            try:
+                return response.result(timeout_s=0.5)
+            except TimeoutError:
+                if self._canceled(job_id):
+                    response.cancel()
+                    raise Canceled() from None
+
+    def _pause(self, job_id: str, seconds: float) -> None:
+        ends = time.monotonic() + seconds
+        while (left := ends - time.monotonic()) > 0:
+            if self._canceled(job_id):
+                raise Canceled()
+            time.sleep(min(0.5, left))
+
+    def _canceled(self, job_id: str) -> bool:
+        return self.jobs.records.get(job_id).status == "canceled"
 
     def _notify(self, job_id: str, event: str) -> None:
         job = self.jobs.records.get(job_id)
@@ -127,4 +155,4 @@ def consumer_deployment(args: AppArgs):
     class is decorated here, when the graph is built (serve_config.yaml's ``JobConsumer``
     entry sets its replicas)."""
     consumer = task_consumer(task_processor_config=task_processor_config(args.jobs))(JobConsumer)
-    return serve.deployment(name="JobConsumer")(consumer)
+    return serve.deployment(name=CONSUMER)(consumer)

@@ -15,6 +15,7 @@ from serve_app.jobs.urls import UrlPolicy
 
 QUEUE = "restore-jobs"
 TASK = "restore"
+CONSUMER = "JobConsumer"  # the consumers' deployment
 
 
 def task_processor_config(config: JobsConfig) -> TaskProcessorConfig:
@@ -30,7 +31,10 @@ def task_processor_config(config: JobsConfig) -> TaskProcessorConfig:
         queue_name=QUEUE, max_retries=config.max_retries,  # the handler raises only passing failures
         adapter_config=CeleryAdapterConfig(
             broker_url=broker, backend_url=broker,
-            broker_transport_options={"visibility_timeout": config.visibility_timeout_s},
+            # kombu looks for jobs past their visibility timeout only every 10th pass by default,
+            # about 100 s apart: every pass (about 10 s) hands a dead consumer's job out sooner.
+            broker_transport_options={"visibility_timeout": config.visibility_timeout_s,
+                                      "unacked_restore_throttle": 1},
             app_custom_config={
                 "broker_connection_timeout": 3, "broker_connection_retry_on_startup": True,
                 "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.4},
