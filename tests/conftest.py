@@ -30,12 +30,13 @@ _LAYOUT = {
 }
 
 
-def save_random_checkpoint(name: str, folder, seed: int = 0) -> None:
+def save_random_checkpoint(name: str, folder, seed: int = 0, layout: str | None = None) -> None:
+    """``name``'s files with random weights, laid out as its official release (or ``layout``)."""
     spec = get_spec(name)
     for i, file in enumerate(spec.files):
         torch.manual_seed(seed + i)
         state = build_network(spec).state_dict()
-        layout = _LAYOUT[name]
+        layout = layout or _LAYOUT[name]
         if layout == "module":
             payload = {f"module.{k}": v for k, v in state.items()}
         elif layout is None:
@@ -107,3 +108,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.ray)
         elif module in _ENGINE:
             item.add_marker(pytest.mark.engine)
+    items.sort(key=lambda item: "ray" not in item.keywords)  # the longest group starts first
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """With pytest-xdist (pyproject's ``-n 2``): one worker runs the modules that start Ray, one
+    after the other, since each starts its own Ray on the same ports; the other takes the rest
+    test by test (and so does the first, once done). Our own grouping: xdist's ``loadgroup``
+    leaves groups apart under pytest 9."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayApart(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "ray" if module.rsplit("/", 1)[-1].removesuffix(".py") in _RAY else nodeid
+
+    return RayApart(config, log)

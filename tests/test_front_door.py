@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
+
 ROOT = Path(__file__).resolve().parent.parent
 URL = "http://127.0.0.1:8000"
 TIMEOUT_S, BODY_TIMEOUT_S, IN_FLIGHT = 30, 3, 4
@@ -199,7 +200,7 @@ def test_requests_for_a_missing_model_cost_the_others_no_more_than_any_refusal(l
 
 
 def test_a_face_request_whose_face_weights_are_missing_is_refused_before_its_background(launched, astronaut_bgr):
-    picture = _png(np.ascontiguousarray(astronaut_bgr[:128, :128]))  # an x4plus background: about 9 s
+    picture = _png(np.ascontiguousarray(astronaut_bgr[:96, :96]))  # an x4plus background: about 5 s
     options = {"model": "RealESRGAN_x4plus", "face_enhance": "true", "face_model": "GFPGANv1.3"}
     for _ in range(2):  # the face replica's refusal stops the background; then the ingress knows
         started = time.monotonic()
