@@ -1,12 +1,13 @@
 """The benchmark, in one command, on any CUDA machine (or a small smoke run on the CPU):
 
-    python -m bench.run [--out bench/results/NAME.json] [--seconds 8] [--open-seconds 60] [--sections served]
+    python -m bench.run [--out bench/results/NAME.json] [--seconds 8] [--open-seconds 60] [--sections served jobs]
     python -m bench.run --merge A.json B.json --out NAME.json   # sections run one after the other
 
 In one run, on one device: the reference paths (RealESRGANer, GFPGANer) one image at a time;
 our engines' device stage at a fixed tile shape (eager and compiled, TFLOP/s against a matmul
 peak measured here, PSNR against fp32 eager); how the calling style of a Serve replica changes
-the same forward's GPU time; and the whole served graph over HTTP. Prints the JSON report (also
+the same forward's GPU time; the whole served graph over HTTP; and jobs through the same graph
+against it (``bench.jobs``). Prints the JSON report (also
 written to --out) and, on stderr, the table the README shows.
 
 Weights are real wherever the store has them (the cache, or ncnn conversions), random elsewhere;
@@ -28,13 +29,13 @@ import ray
 import torch
 
 import serve_app
-from bench import call_styles, engines, served
+from bench import call_styles, engines, jobs, served
 from bench.common import weights_in_use
 from serve_app.config import WeightsConfig
 from serve_app.weights import WeightsStore
 
 UPSCALER, FACE_MODEL = "RealESRGAN_x4plus", "GFPGANv1.4"
-SECTIONS = ("engines", "call_styles", "served")
+SECTIONS = ("engines", "call_styles", "served", "jobs")
 
 
 def settings(cuda: bool, seconds: float | None, open_seconds: float | None = None) -> dict:
@@ -43,9 +44,10 @@ def settings(cuda: bool, seconds: float | None, open_seconds: float | None = Non
     if cuda:
         return {"tile": 256, "batch": 8, "repeats": 10, "levels": [1, 4, 8, 16, 32, 64],
                 "sizes": {"upscale": 256, "largest": 2048}, "seconds": seconds or 8.0,
-                "open_seconds": open_seconds or 60.0, "compile": "on"}
+                "open_seconds": open_seconds or 60.0, "compile": "on", "jobs": 1500, "light_rate": 5.0}
     return {"tile": 96, "batch": 2, "repeats": 2, "levels": [1, 2], "sizes": {"upscale": 96, "largest": 128},
-            "seconds": seconds or 3.0, "open_seconds": open_seconds or 6.0, "compile": "off"}
+            "seconds": seconds or 3.0, "open_seconds": open_seconds or 6.0, "compile": "off", "jobs": 8,
+            "light_rate": 0.5}
 
 
 def main() -> None:
@@ -89,7 +91,7 @@ def main() -> None:
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-    if {"call_styles", "served"} & set(args.sections):
+    if {"call_styles", "served", "jobs"} & set(args.sections):
         served.start_ray()
         if "call_styles" in args.sections:
             report["call_styles"] = call_styles.run(s["tile"], 4 if cuda else 1, s["repeats"])
@@ -98,6 +100,11 @@ def main() -> None:
             served.run(report.setdefault("served", {}), folder, args.cache_dir, tile=s["tile"], batch=s["batch"],
                        sizes=s["sizes"], levels=s["levels"], seconds=s["seconds"],
                        open_seconds=s["open_seconds"], compile_mode=s["compile"], save=lambda: _save(report, args.out))
+        if "jobs" in args.sections:
+            jobs.run(report.setdefault("jobs", {}), folder, args.cache_dir, tile=s["tile"], batch=s["batch"],
+                     upscale_size=s["sizes"]["upscale"], compile_mode=s["compile"], count=s["jobs"],
+                     seconds=s["seconds"], rate=s["light_rate"], open_seconds=s["open_seconds"] / 3,
+                     save=lambda: _save(report, args.out))
         ray.shutdown()
     report["wall_s"] = time.perf_counter() - started
     _save(report, args.out)
@@ -142,6 +149,8 @@ def table(report: dict) -> str:
         rows += _stage_rows(eng, report["settings"])
     if srv:
         rows += _served_rows(srv)
+    if report.get("jobs"):
+        rows += jobs.rows(report["jobs"])
     if styles:
         rows.append(f"| same forward, Serve sync vs async method (GPU ms) | {styles['serve_sync_ms']:.1f} | "
                     f"{styles['serve_async_ms']:.1f} | {styles['sync_over_async']:.2f}x |")

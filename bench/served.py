@@ -44,6 +44,7 @@ from serve_app.deployments.heap import freeze_heap
 from serve_app.deployments.ingress import Ingress
 from serve_app.deployments.preprocess import PreprocessDeployment
 from serve_app.deployments.upscaler import UpscalerDeployment
+from serve_app.jobs.consumer import consumer_deployment
 
 ROOT = Path(__file__).resolve().parent.parent
 URL = "http://127.0.0.1:8000"
@@ -65,7 +66,9 @@ def build_bench_app(args: dict):
     args = AppArgs.model_validate(args)
     upscaler = UpscalerDeployment.bind(args)
     faces = FixedFaceDeployment.options(name="FaceDeployment").bind(args)
-    return Ingress.bind(args, PreprocessDeployment.bind(args, upscaler, faces), upscaler, faces)
+    preprocess = PreprocessDeployment.bind(args, upscaler, faces)
+    consumer = consumer_deployment(args).bind(args, preprocess) if args.jobs.broker_url else None  # bench.jobs
+    return Ingress.bind(args, preprocess, upscaler, faces, consumer)
 
 
 def _config(folder: Path, cache: Path, tile: int, batch: int, cpu_replicas: int, card_fraction: float | None,

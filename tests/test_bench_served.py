@@ -34,3 +34,18 @@ def test_the_closed_loop_doubles_its_concurrency_until_throughput_stops_growing(
     # One level says nothing about growth; the cap bounds the search.
     assert served.more_load(_levels((1, 12.0))) is None
     assert served.more_load(_levels((256, 80.0), (512, 99.0))) is None
+
+
+def test_the_jobs_benchmark_puts_the_consumers_back_fixed_at_their_most(tmp_path):
+    from bench import jobs
+
+    shipped = next(d for d in yaml.safe_load((served.ROOT / "serve_config.yaml").read_text())
+                   ["applications"][0]["deployments"] if d["name"] == "JobConsumer")
+    config, in_flight = jobs.jobs_config(tmp_path, tmp_path / "cache", "redis://:pw@127.0.0.1:6390/0", tmp_path / "jobs",
+                                         tile=96, batch=2, compile_mode="off")
+    app = config["applications"][0]
+    consumer = next(d for d in app["deployments"] if d["name"] == "JobConsumer")
+    assert consumer["num_replicas"] == shipped["autoscaling_config"]["max_replicas"] and "autoscaling_config" not in consumer
+    assert in_flight == consumer["num_replicas"] * shipped["max_ongoing_requests"]
+    assert app["args"]["jobs"]["broker_url"] == "redis://:pw@127.0.0.1:6390/0"
+    assert app["import_path"] == "bench.served:build_bench_app"  # the fixed-face graph, as measured synchronously
