@@ -25,13 +25,13 @@ from pathlib import Path
 import aiohttp
 import torch
 import yaml
+from ray import serve
 
 from bench import served
 from bench.arrivals import arrival_gaps
 from bench.common import percentiles
 from serve_app.jobs.broker import LocalBroker
-
-CONSUMER = "JobConsumer"
+from serve_app.jobs.system import CONSUMER
 
 
 def jobs_config(folder: Path, cache: Path, broker_url: str, data_dir: Path, *, tile: int, batch: int,
@@ -159,7 +159,7 @@ def run(report: dict, folder: Path, cache: Path, *, tile: int, batch: int, upsca
             report[name] = run_path(name, *served.path_request(name, upscale_size), in_flight, count=count,
                                     seconds=seconds, rate=rate, open_seconds=open_seconds)
             save()
-        served.serve.delete("restore")
+        serve.delete("restore")
     finally:
         broker.stop()
         shutil.rmtree(data, ignore_errors=True)

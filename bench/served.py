@@ -45,6 +45,7 @@ from serve_app.deployments.ingress import Ingress
 from serve_app.deployments.preprocess import PreprocessDeployment
 from serve_app.deployments.upscaler import UpscalerDeployment
 from serve_app.jobs.consumer import consumer_deployment
+from serve_app.jobs.system import CONSUMER
 
 ROOT = Path(__file__).resolve().parent.parent
 URL = "http://127.0.0.1:8000"
@@ -83,7 +84,7 @@ def _config(folder: Path, cache: Path, tile: int, batch: int, cpu_replicas: int,
     app["args"]["tile"].update(size=tile, batch_size=batch)
     app["args"]["weights"] = {"folder": str(folder), "cache_dir": str(cache), "download": False}
     # The synchronous path only: no broker, so no job consumers.
-    app["deployments"] = [d for d in app["deployments"] if d["name"] != "JobConsumer"]
+    app["deployments"] = [d for d in app["deployments"] if d["name"] != CONSUMER]
     for d in app["deployments"]:
         d["user_config"] = copy.deepcopy(d["user_config"])  # one YAML anchor: one shared dict
         gpus = d["ray_actor_options"]["num_gpus"]
