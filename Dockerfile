@@ -2,6 +2,8 @@
 # expect; rayproject/ray-ml is no longer published). Build from the repository root:
 #   docker build -t restore-serve:0.1.0 .                         # weights fetched at first start
 #   docker build --build-arg BAKE_WEIGHTS=1 -t restore-serve:0.1.0 .  # official weights baked in
+# Without API keys the service listens on 127.0.0.1 in the container only; with them, on 0.0.0.0:
+#   docker run -p 8000:8000 -e RESTORE_SERVE_API_KEYS="$(cat api-keys.yaml)" restore-serve:0.1.0
 FROM rayproject/ray:2.60.0-py311-cu128
 
 # OpenCV's own pixel cap, a second line of defence behind our header check (default 2^30).

@@ -78,6 +78,7 @@ def _config(folder: Path, cache: Path, tile: int, batch: int, cpu_replicas: int,
     of the emulated card (``card_fraction``: that card's memory over this one's)."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     app = config["applications"][0]
+    config["http_options"]["host"] = "127.0.0.1"  # the load generator is on this node: no API keys needed
     app["import_path"] = "bench.served:build_bench_app"
     app["logging_config"]["log_level"] = "WARNING"
     app["args"].update(upscalers=["RealESRGAN_x4plus"], face_models=["GFPGANv1.4"], compile=compile_mode)

@@ -96,6 +96,60 @@ class JobsConfig(_Strict):
         return self.database_url or f"sqlite:///{self.resolved_data_dir() / 'jobs.db'}"
 
 
+Scope = Literal["restore", "jobs", "admin"]
+
+
+class RateLimitConfig(_Strict):
+    """Token buckets of one API key: a key may spend its burst at once, then the sustained rate."""
+
+    requests_per_s: float | None = Field(default=None, gt=0, description="Sustained requests a second "
+                                         "(any route but health); none: no limit.")
+    request_burst: int = Field(default=20, gt=0, description="Requests a key may make at once after a quiet spell.")
+    pixels_per_s: float | None = Field(default=None, gt=0, description="Sustained input pixels a second "
+                                       "(width x height of each uploaded picture); none: no limit.")
+    pixel_burst: int = Field(default=64_000_000, gt=0, description="Input pixels a key may send at once; "
+                             "a larger picture is refused 413 rather than never admitted.")
+
+
+class ApiKeyConfig(_Strict):
+    """One client's key, kept as its hash: ``restore-serve-keys create`` makes both."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.@-]{1,64}$", description="Who holds the key (logs, limits).")
+    hash: str = Field(pattern=r"^sha256:[0-9a-f]{64}$", description="sha256:<hex> of the key.")
+    scopes: list[Scope] = Field(default_factory=lambda: ["restore", "jobs"], min_length=1,
+                                description="restore: /v1/restore and /inference; jobs: /v1/jobs; "
+                                "admin: /v1/stats.")
+    rate_limit: RateLimitConfig | None = Field(default=None, description="This key's limits; default auth.rate_limit.")
+
+
+class AuthConfig(_Strict):
+    """Who may call the HTTP API. Keys come from here, a file and an environment variable, all
+    merged; the file and variable are read again when they change, so keys are added and revoked
+    without a redeploy. DeploymentHandle calls inside Ray are not checked: whoever reaches Ray
+    has the cluster already."""
+
+    keys: list[ApiKeyConfig] = Field(default_factory=list)
+    keys_file: Path | None = Field(default=Path("~/.config/restore-serve/api-keys.yaml"), description="A YAML "
+                                   "list of keys (``restore-serve-keys fetch`` writes it from AWS Secrets "
+                                   "Manager); one that does not exist gives none.")
+    keys_env: str | None = Field(default="RESTORE_SERVE_API_KEYS", description="An environment variable "
+                                 "holding the same YAML list.")
+    required: bool = Field(default=True, description="false: serve without keys although listening beyond "
+                           "localhost (behind a proxy that authenticates); with no keys and this true, the "
+                      "ingress refuses to listen beyond localhost.")
+    rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig, description="Limits of keys "
+                                        "without their own, and of callers on localhost without a key.")
+
+    @model_validator(mode="after")
+    def _names_unique(self):
+        names = [key.name for key in self.keys]
+        if len(names) != len(set(names)):
+            raise ValueError("auth.keys: each key needs a name of its own")
+        if not self.required and self.keys:
+            raise ValueError("auth.required is false and auth.keys are given: choose one")
+        return self
+
+
 class LimitsConfig(_Strict):
     """Bounds checked from the image header, before any pixel is decoded."""
 
@@ -157,7 +211,7 @@ class RuntimeConfig(_Strict):
     body_timeout_s: float = Field(default=30.0, gt=0, description="Longest a client may take to send its "
                                   "request body; a slower one gets 408 body_timeout and its slot back.")
     draining: bool = Field(default=False, description="Ingress only: answer new requests 503 draining "
-                           "(and /healthz 503) while finishing those in flight; restore-serve sets it on "
+                           "(and /readyz 503) while finishing those in flight; restore-serve sets it on "
                            "Ctrl-C or SIGTERM, an operator may set it before taking a cluster down.")
     cpu_threads: int = Field(default=2, gt=0, description="Threads per CPU replica for decode, tiles, "
                              "paste-back and encode (OpenCV and numpy release the GIL).")
@@ -172,6 +226,7 @@ class AppArgs(EngineConfig):
 
     weights: WeightsConfig = WeightsConfig()
     jobs: JobsConfig = JobsConfig()
+    auth: AuthConfig = AuthConfig()
     upscalers: list[str] = Field(default_factory=lambda: ["RealESRGAN_x4plus"],
                                  description="Real-ESRGAN models the service offers.")
     face_models: list[str] = Field(default_factory=lambda: ["GFPGANv1.4"])

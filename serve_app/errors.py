@@ -5,6 +5,8 @@ with, so the mapping to HTTP lives here, in one table, and nowhere else.
 """
 from __future__ import annotations
 
+import math
+
 
 class RestoreError(Exception):
     """Base of every error this service reports to a caller."""
@@ -94,21 +96,46 @@ class MethodNotAllowed(RestoreError):
         return {"allow": ", ".join(self.allowed)}
 
 
+class Unauthorized(RestoreError):
+    """No API key, or one the service does not know."""
+
+    status, code = 401, "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"www-authenticate": 'Bearer realm="restore-serve"'}
+
+
+class Forbidden(RestoreError):
+    """A known API key without the scope the route needs."""
+
+    status, code = 403, "forbidden"
+
+
+class _RetryLater(RestoreError):
+    """An error that tells when to try again: a ``Retry-After`` in whole seconds, at least 1."""
+
+    def __init__(self, detail: str, retry_after_s: float = 1.0):
+        super().__init__(detail)
+        self.retry_after_s = max(1, math.ceil(retry_after_s))
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(self.retry_after_s)}
+
+
+class RateLimited(_RetryLater):
+    """An API key past its request or pixel rate; Retry-After says when it has room again."""
+
+    status, code = 429, "rate_limited"
+
+
 class BodyTimeout(RestoreError):
     """The client sent its request body too slowly."""
 
     status, code = 408, "body_timeout"
 
 
-class Overloaded(RestoreError):
+class Overloaded(_RetryLater):
     status, code = 503, "overloaded"
-
-    def __init__(self, detail: str, retry_after_s: int = 1):
-        super().__init__(detail)
-        self.retry_after_s = max(1, int(retry_after_s))
-
-    def headers(self) -> dict[str, str]:
-        return {"retry-after": str(self.retry_after_s)}
 
 
 class Draining(Overloaded):
@@ -133,7 +160,7 @@ class UrlRefused(RestoreError):
 class UrlUnreachable(RestoreError):
     """A URL that could not be fetched: no such name, no answer in time, or not a 2xx answer."""
 
-    status, code = 502, "url_unreachable"
+    status, code = 422, "url_unreachable"  # the caller's URL, not a fault of this service
 
 
 class UrlTooLarge(RestoreError):

@@ -128,21 +128,69 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s restore-serve %(levelname)s %(message)s")
     config = yaml.safe_load(Path(args.config).read_text())
+    _listen_as_keys_allow(config)
     broker = _start_broker(config)
     started_here = "RAY_ADDRESS" not in os.environ and not _ray_is_running()
+    ray_session = None
     if started_here:
         # In a session of its own, Ray's daemons do not get the terminal's Ctrl-C: this process
         # drains first, then stops them.
-        subprocess.run(ray_start_command(args.num_cpus), check=True, start_new_session=True)
+        starting = subprocess.Popen(ray_start_command(args.num_cpus), start_new_session=True)
+        if starting.wait() != 0:
+            raise SystemExit(f"ray start failed ({starting.returncode})")
+        ray_session = starting.pid
+        address = _ray_address_file()
+        started_address = address.read_text() if address.exists() else None
     try:
         return _serve(config, started_here)
     finally:
-        if started_here:
-            subprocess.run([RAY, "stop", "--force"], capture_output=True)
+        if ray_session is not None:
+            stop_session(ray_session)
+            if address.exists() and address.read_text() == started_address:
+                address.unlink()  # as `ray stop` does: the next `ray status` finds no cluster
             log.info("stopped the Ray instance started here")
         if broker is not None:
             broker.stop()
             log.info("stopped the job queue's Redis")
+
+
+def _ray_address_file() -> Path:
+    """Where `ray start` writes the address of the instance it began (``ray status`` reads it)."""
+    from ray._common.utils import get_ray_address_file
+
+    return Path(get_ray_address_file(None))
+
+
+def stop_session(session: int, grace_s: float = 15.0) -> None:
+    """Stop every process of ``session``: the Ray instance ``ray start`` began there, its daemons
+    and workers (they keep the session they were born in). ``ray stop`` would end every Ray
+    process on the machine, other users' instances included. SIGTERM first, SIGKILL after
+    ``grace_s``."""
+    def members() -> list[int]:
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) != os.getpid():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text()
+                    # fields after the name in parentheses: state, ppid, pgrp, session
+                    state, _, _, sid = stat.rsplit(")", 1)[1].split()[:4]
+                except (OSError, ValueError):  # gone meanwhile
+                    continue
+                if int(sid) == session and state != "Z":  # a zombie has ended already
+                    found.append(int(entry))
+        return found
+
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        for pid in members():
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        ends = time.monotonic() + wait_s
+        while members() and time.monotonic() < ends:
+            time.sleep(0.2)
+        if not members():
+            return
 
 
 def _start_broker(config: dict):
@@ -160,6 +208,27 @@ def _start_broker(config: dict):
         log.info("the job queue's Redis runs in %s", broker.folder)
     with_queue_broker(config)
     return broker
+
+
+def _listen_as_keys_allow(config: dict) -> None:
+    """With no API keys, listen on localhost only, where no key is needed (unless ``auth.required: false``
+    says otherwise): the ingress would refuse to serve beyond it."""
+    from serve_app.access.keys import KeyRing, is_loopback
+    from serve_app.config import AuthConfig
+
+    auth = AuthConfig.model_validate(config["applications"][0].get("args", {}).get("auth", {}))
+    http = config.setdefault("http_options", {})
+    host, port, keys = http.get("host", "127.0.0.1"), http.get("port", 8000), len(KeyRing(auth))
+    if keys:
+        log.info("%d API keys: listening on %s:%s; requests need 'Authorization: Bearer <key>'", keys, host, port)
+    elif not auth.required:
+        log.warning("auth.required is false: listening on %s:%s with no API key asked", host, port)
+    elif is_loopback(host):
+        log.info("listening on %s:%s; on localhost no API key is needed", host, port)
+    else:
+        http["host"] = "127.0.0.1"
+        log.info("no API keys configured: listening on 127.0.0.1:%s only, where no key is needed; "
+                 "configure auth.keys (restore-serve-keys create) to listen on %s", port, host)
 
 
 def _serve(config: dict, started_here: bool) -> int:

@@ -129,10 +129,11 @@ def _ray_goes_first(request):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_xdist_make_scheduler(config, log):
-    """With pytest-xdist (pyproject's ``-n 2``): one worker runs the modules that start Ray, one
-    after the other, since each starts its own Ray on the same ports; the other takes the rest
-    test by test (and so does the first, once done). Our own grouping: xdist's ``loadgroup``
-    leaves groups apart under pytest 9."""
+    """With pytest-xdist (pyproject's ``-n 3``): one worker runs the modules that start Ray, one
+    after the other, since each starts its own Ray on the same ports; the others take the rest
+    test by test (and so does the first, once done). Three on two cores: the Ray modules wait
+    for nodes, replicas and HTTP much of their time, which a third worker fills. Our own
+    grouping: xdist's ``loadgroup`` leaves groups apart under pytest 9."""
     from xdist.scheduler import LoadScopeScheduling
 
     class RayApart(LoadScopeScheduling):

@@ -93,7 +93,7 @@ def test_a_failing_batch_fails_its_callers_only_and_cancelled_callers_are_skippe
 
 
 def test_step_times_and_memory_helpers_off_cuda():
-    times = StepTimes(window=3)
+    times = StepTimes("upscaler", window=3)
     assert times.summary() == {"requests": 0}
     for served in (11.0, 12.0, 13.0, 50.0):  # the window keeps the last three
         times.add(queued=1.0, served=served)

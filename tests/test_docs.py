@@ -1,7 +1,10 @@
 """The documentation pages that must follow the code."""
 from pathlib import Path
 
-from serve_app.config import AppArgs, JobsConfig, LimitsConfig, RuntimeConfig, TileConfig, UrlConfig, WeightsConfig
+from serve_app.config import (
+    ApiKeyConfig, AppArgs, AuthConfig, JobsConfig, LimitsConfig, RateLimitConfig, RuntimeConfig, TileConfig, UrlConfig,
+    WeightsConfig,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -12,7 +15,8 @@ def test_the_configuration_page_lists_every_setting_and_no_other():
     fields = set()
     for model, prefix in ((AppArgs, "args."), (WeightsConfig, "args.weights."), (RuntimeConfig, ""),
                           (TileConfig, "args.tile."), (LimitsConfig, "limits."),
-                          (JobsConfig, "args.jobs."), (UrlConfig, "args.jobs.urls.")):
+                          (JobsConfig, "args.jobs."), (UrlConfig, "args.jobs.urls."), (AuthConfig, "args.auth."),
+                          (ApiKeyConfig, ""), (RateLimitConfig, "rate_limit.")):
         fields |= {prefix + name for name in model.model_fields}
     assert listed == fields, (sorted(fields - listed), sorted(listed - fields))
 

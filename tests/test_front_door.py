@@ -29,8 +29,7 @@ RAY_PROCESSES = ("raylet", "gcs_server", "ray::", "dashboard.py", "log_monitor.p
 
 
 def _config(weights_dir: Path, cache: Path) -> dict:
-    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    config["http_options"]["host"] = "127.0.0.1"
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())  # host 0.0.0.0, no API keys
     app = config["applications"][0]
     app["args"].update(device="cpu", upscalers=["RealESRGAN_x4plus", "realesr-animevideov3", "RealESRNet_x4plus"],
                        face_models=["GFPGANv1.4", "GFPGANv1.3"])  # RealESRNet_x4plus, GFPGANv1.3: no weights
@@ -127,10 +126,26 @@ def _serve_logs() -> list[dict]:
 def test_the_main_command_reaches_running_on_two_cores(launched):
     log = launched["log"].read_text()
     assert "fitted to this machine: PreprocessDeployment: 2 -> 1 replicas at least, to fit 2 CPUs" in log
-    health = _health()
-    # up and serving; one offered model has no weights, so "degraded" names it
-    assert health.status_code == 503 and health.json()["status"] == "degraded", health.text
-    assert {"RealESRNet_x4plus", "GFPGANv1.3"} <= set(health.json()["models"])
+    # no API keys: it listens on localhost only, and says so
+    assert "no API keys configured: listening on 127.0.0.1:8000 only, where no key is needed" in log
+    assert _listeners(8000) == {"127.0.0.1"}
+    # up and serving; two offered models have no weights: alive, and ready saying which
+    assert _health().json() == {"status": "degraded", "detail": "some offered models are not loaded"}
+    ready = httpx.get(f"{URL}/readyz", timeout=10)
+    assert ready.status_code == 200, ready.text
+    assert {name for name, model in ready.json()["models"].items() if not model["loaded"]} == {
+        "RealESRNet_x4plus", "GFPGANv1.3"}
+
+
+def _listeners(port: int) -> set[str]:
+    """The IPv4 addresses a TCP socket listens on at ``port`` (from /proc/net/tcp)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            found.add(".".join(str(b) for b in reversed(bytes.fromhex(address))))
+    return found
 
 
 def test_a_default_photo_on_the_cpu_is_refused_at_once_naming_a_lighter_model(launched, astronaut_bgr):
@@ -316,6 +331,74 @@ def test_wrong_methods_request_ids_and_one_line_logs(launched):
     first_use = "Initialized DeploymentHandle"
     assert not [line for k in range(3) for line in lines_of(f"front-door-health-{k}")
                 if line["levelname"] == "INFO" and not line["message"].startswith(first_use)]
+
+
+# Generated requests in each of two rounds; more for a longer run (RESTORE_SERVE_FUZZ_EXAMPLES=5000).
+FUZZ_EXAMPLES = int(os.environ.get("RESTORE_SERVE_FUZZ_EXAMPLES", 1000))
+
+
+def _replicas_rss() -> dict[tuple[int, str], int]:
+    """Resident bytes of each of this service's replicas, by process id and deployment."""
+    import psutil
+
+    sizes = {}
+    for process in psutil.process_iter(["cmdline", "memory_info"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        prefix = "ray::ServeReplica:restore:"
+        if cmdline.startswith(prefix) and process.info["memory_info"]:
+            deployment = cmdline[len(prefix):].split(".")[0].split()[0]
+            sizes[process.pid, deployment] = process.info["memory_info"].rss
+    return sizes
+
+
+def test_fuzzed_requests_get_typed_answers_in_time_and_leave_memory_flat(launched):
+    import requests
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+    from schemathesis import GenerationMode
+
+    # The document the service serves, made from the schema it validates with; cases that fit it
+    # and cases that break it (wrong types, out of bounds, missing fields, odd media types).
+    schema = schemathesis.openapi.from_url(f"{URL}/openapi.json")
+    cases = st.one_of(schema.as_strategy(GenerationMode.POSITIVE), schema.as_strategy(GenerationMode.NEGATIVE))
+    counts: dict[int, int] = {}
+    session = requests.Session()
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(case=cases)
+    def send(case):
+        response = case.call(base_url=URL, session=session, timeout=TIMEOUT_S + 15)  # a hang fails here
+        counts[response.status_code] = counts.get(response.status_code, 0) + 1
+        what = f"{case.method} {case.formatted_path}: {response.status_code} {response.content[:300]!r}"
+        assert response.status_code < 500 or response.status_code in (503, 504), what
+        if response.content == b"Invalid HTTP request received.":  # uvicorn, in Serve's proxy:
+            assert response.status_code == 400, what  # a request HTTP cannot parse never reaches us
+            counts["unparsable"] = counts.get("unparsable", 0) + 1
+        elif response.status_code >= 400 and case.path not in ("/healthz", "/readyz"):
+            assert set(response.json()) == {"error", "detail"}, what  # the typed JSON error, always
+
+    started = time.monotonic()
+    send()  # the first round warms every path: its allocations are the replicas' working set
+    warm = _replicas_rss()
+    send()
+    now = _replicas_rss()  # replicas that ran through both rounds (a consumer may start for a job)
+    grown: dict[str, float] = {}
+    for replica in warm.keys() & now.keys():
+        grown[replica[1]] = grown.get(replica[1], 0.0) + (now[replica] - warm[replica]) / 2**20
+    statuses = {status: n for status, n in counts.items() if isinstance(status, int)}
+    print(f"fuzzed: {sum(statuses.values())} requests in {time.monotonic() - started:.0f} s, by status "
+          f"{dict(sorted(statuses.items()))} ({counts.get('unparsable', 0)} refused by the HTTP server as "
+          f"unparsable); replicas' memory {sum(warm.values()) / 2**20:.0f} MiB after the first round, then "
+          f"by deployment (MiB) {({k: round(v, 1) for k, v in sorted(grown.items())})}")
+    assert sum(statuses.values()) >= 2 * FUZZ_EXAMPLES
+    assert sum(n for status, n in statuses.items() if 400 <= status < 500) > FUZZ_EXAMPLES  # malformed ones refused
+    # Flat where every request goes: the ingress and the CPU replicas. The model replicas grow by
+    # the buffers of picture shapes they had not seen (the valid pictures a fuzzer makes), as they
+    # would with any new traffic.
+    front = sum(mib for deployment, mib in grown.items() if deployment in ("Ingress", "PreprocessDeployment"))
+    assert front < 32, grown
 
 
 def test_sigterm_drains_requests_in_flight_then_leaves_no_ray_process(launched, astronaut_bgr, small_photo):

@@ -125,3 +125,27 @@ def test_replicas_opening_a_new_database_at_once_all_get_the_table(tmp_path):
     assert all(records.get(job.id) == job for records in opened)
     for records in opened:
         records.close()
+
+
+def test_a_page_holds_only_its_owners_jobs_and_an_older_table_gains_the_column(records, tmp_path):
+    mine = [records.create(options=OPTIONS, owner="alice")[0].id for _ in range(3)]
+    theirs = records.create(options=OPTIONS, owner="bob")[0].id
+    assert [job.id for job in records.page(owner="alice")[0]] == mine[::-1]
+    assert records.get(theirs).owner == "bob" and len(records.page()[0]) == 4  # no owner given: all
+    first, cursor = records.page(owner="alice", limit=2)
+    assert [job.id for job in first] + [job.id for job in records.page(owner="alice", cursor=cursor)[0]] == mine[::-1]
+    if records.engine.dialect.name != "sqlite":
+        return
+    # a database made before jobs had owners: opening it adds the column, and its jobs stay
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        schema = records.engine.raw_connection().execute("SELECT sql FROM sqlite_master WHERE name='jobs'").fetchone()[0]
+        db.execute(schema.replace("owner VARCHAR(64),", "").replace(", \n\towner VARCHAR(64)", ""))
+        db.execute("INSERT INTO jobs (id, status, created_at, updated_at, expires_at, attempt, options) "
+                   "VALUES ('job_old', 'queued', '2026-01-01', '2026-01-01', '2027-01-01', 0, '{}')")
+    assert "owner" not in sqlite3.connect(path).execute("SELECT sql FROM sqlite_master WHERE name='jobs'").fetchone()[0]
+    reopened = JobRecords(f"sqlite:///{path}")
+    assert reopened.get("job_old").owner is None and reopened.create(options=OPTIONS, owner="alice")[1]
+    reopened.close()

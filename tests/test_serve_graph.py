@@ -10,6 +10,8 @@ import base64
 import copy
 import json
 import os
+import re
+import secrets
 import subprocess
 import sys
 import threading
@@ -25,10 +27,13 @@ import pytest
 import ray
 import yaml
 from ray import serve
+from ray._private.authentication_test_utils import reset_auth_token_state  # Ray's own test helper
 from ray.cluster_utils import Cluster
 from ray.serve.schema import ServeDeploySchema
 
 from conftest import ASTRONAUT_FACE, has_cuda_driver, restore_with, save_random_checkpoint
+from servers import self_signed_certificate
+from serve_app.access.keys import key_hash, new_key
 from serve_app.config import EngineConfig, TileConfig
 from serve_app.engines import face_geometry as geo
 from serve_app.engines.local import LocalNetworks
@@ -37,7 +42,7 @@ from serve_app.jobs.broker import LocalBroker
 
 
 ROOT = Path(__file__).resolve().parent.parent
-URL = "http://127.0.0.1:8000"
+URL = "https://127.0.0.1:8000"  # Serve's proxy terminates TLS, with a self-signed certificate
 DASHBOARD = "http://127.0.0.1:8265"
 TEST_TILE = {"size": 64, "pad": 8, "blend": 4, "batch_size": 8}  # not the default: built (and compiled) once
 TEST_RUNTIME = {
@@ -50,7 +55,18 @@ TEST_RUNTIME = {
 }
 
 
-def _config(weights_dir: Path, cache: Path, runtime: dict, jobs: dict) -> dict:
+def _auth(keys: dict[str, str]) -> dict:
+    """API keys as an operator configures them: by hash. ``tests`` may do everything, without
+    limits; ``busy`` is limited on requests and pixels; ``calm`` may only restore; ``other`` only use jobs."""
+    busy_limit = {"requests_per_s": 0.01, "request_burst": 7, "pixels_per_s": 10, "pixel_burst": 3000}
+    return {"keys": [
+        {"name": "tests", "hash": key_hash(keys["tests"]), "scopes": ["restore", "jobs", "admin"]},
+        {"name": "busy", "hash": key_hash(keys["busy"]), "scopes": ["restore"], "rate_limit": busy_limit},
+        {"name": "calm", "hash": key_hash(keys["calm"]), "scopes": ["restore"]},
+        {"name": "other", "hash": key_hash(keys["other"]), "scopes": ["jobs"]}]}
+
+
+def _config(weights_dir: Path, cache: Path, runtime: dict, jobs: dict, auth: dict, tls: tuple[Path, Path]) -> dict:
     """serve_config.yaml as shipped, with test weights, CPU engines and quick autoscaling."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     app = config["applications"][0]
@@ -59,6 +75,8 @@ def _config(weights_dir: Path, cache: Path, runtime: dict, jobs: dict) -> dict:
     app["args"]["weights"] = {"folder": str(weights_dir), "cache_dir": str(cache), "download": False,
                               "retry_interval_s": 5}
     app["args"]["jobs"] = jobs
+    app["args"]["auth"] = auth  # the shipped http_options.host, 0.0.0.0, needs keys
+    config["http_options"].update(ssl_certfile=str(tls[0]), ssl_keyfile=str(tls[1]))
     config["proxy_location"] = "HeadOnly"  # the simulated nodes share one machine and its port 8000
     deployments = {d["name"]: d for d in app["deployments"]}
     for d in deployments.values():
@@ -117,7 +135,7 @@ def _replicas_pending(name: str) -> bool:
 
 def _pending_in_health(name: str) -> dict | None:
     try:
-        r = httpx.get(f"{URL}/healthz", timeout=5)
+        r = httpx.get(f"{URL}/readyz", timeout=5)
     except httpx.HTTPError:
         return None
     body = r.json() if r.status_code == 503 else {}
@@ -135,6 +153,12 @@ def deployed(weights_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     # Serve says what a replica that cannot be placed needs after this long (30 s by default)
     os.environ["RAY_SERVE_SLOW_STARTUP_WARNING_S"] = "2"
+    # Ray's token authentication, as cluster.yaml has it: the mode on every node, the token in a
+    # file every process reads (there ~/.ray/auth_token, mounted on each node)
+    token = tmp / "ray_auth_token"
+    token.write_text(secrets.token_hex(32))
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    reset_auth_token_state()  # this process read the mode when Ray was imported
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 4, "num_gpus": 0, "resources": {"head": 1}, "include_dashboard": True,
         "dashboard_host": "127.0.0.1"})
@@ -146,7 +170,11 @@ def deployed(weights_dir, tmp_path_factory):
     weights.mkdir()
     for file in weights_dir.iterdir():
         (weights / file.name).symlink_to(file)
-    config = _config(weights, tmp / "cache", TEST_RUNTIME, jobs)
+    keys = {name: new_key() for name in ("tests", "busy", "calm", "other")}
+    tls = self_signed_certificate(tmp)
+    # httpx trusts it (this process only: Ray's processes started with the cluster, above)
+    os.environ["SSL_CERT_FILE"] = str(tls[0])
+    config = _config(weights, tmp / "cache", TEST_RUNTIME, jobs, _auth(keys), tls)
     _wait_for(lambda: _answers(f"{DASHBOARD}/api/version"), 60, "the dashboard")  # 401 without the token: up
     _deploy(config, tmp / "config.yaml")
     # No GPU node yet: the app deploys, its GPU replicas stay pending.
@@ -161,17 +189,23 @@ def deployed(weights_dir, tmp_path_factory):
     _wait_for(_running, 180, "the application on the new GPU node")
     print(f"GPU node added: application RUNNING {time.monotonic() - started:.1f} s later")
     yield {"config": config, "path": tmp / "config.yaml", "cluster": cluster, "gpu_node": gpu_node,
-           "jobs_dir": tmp / "jobs", "broker": broker}
+           "jobs_dir": tmp / "jobs", "broker": broker, "keys": keys, "tls": tls}
     serve.shutdown()
     ray.shutdown()
     cluster.shutdown()
     broker.stop()
-    os.environ.pop("RAY_SERVE_SLOW_STARTUP_WARNING_S")
+    for name in ("RAY_SERVE_SLOW_STARTUP_WARNING_S", "SSL_CERT_FILE", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
+        os.environ.pop(name)
+    reset_auth_token_state()
+
+
+def _bearer(deployed, name: str) -> dict:
+    return {"authorization": f"Bearer {deployed['keys'][name]}"}
 
 
 @pytest.fixture(scope="module")
 def client(deployed):
-    with httpx.Client(base_url=URL, timeout=120) as http:
+    with httpx.Client(base_url=URL, timeout=120, headers=_bearer(deployed, "tests")) as http:
         yield http
 
 
@@ -208,10 +242,84 @@ def test_serve_config_validates_with_rays_own_schema():
 
 
 def test_gpu_deployments_share_the_logical_gpu(client):
-    health = client.get("/healthz")
-    assert health.status_code == 503 and "RealESRNet_x4plus" in health.json()["models"]  # offered, no file
+    # RealESRNet_x4plus is offered without a file: alive and ready, the other models serve
+    assert client.get("/healthz").json()["status"] == "degraded"
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+    models = ready.json()["models"]
+    assert models.pop("RealESRNet_x4plus")["loaded"] is False and all(m == {"loaded": True} for m in models.values())
     assert ray.cluster_resources()["GPU"] == 1
     assert ray.available_resources().get("GPU", 0) == pytest.approx(0.5)  # 0.25 upscaler + 0.25 faces held
+
+
+def test_api_keys_decide_who_may_call_what(deployed, client, small_photo):
+    photo = _png(small_photo)
+    for headers in ({}, {"authorization": "Bearer rsk_not-a-key"}, {"authorization": f"Basic {deployed['keys']['tests']}"}):
+        refused = httpx.post(f"{URL}/v1/restore", content=photo, headers=headers)
+        assert (refused.status_code, refused.json()["error"]) == (401, "unauthorized"), refused.text
+        assert refused.headers["www-authenticate"].startswith("Bearer")
+    calm = _bearer(deployed, "calm")  # restore only
+    for method, path in (("POST", "/v1/jobs"), ("GET", "/v1/jobs"), ("GET", "/v1/stats")):
+        refused = httpx.request(method, f"{URL}{path}", headers=calm, content=photo)
+        assert (refused.status_code, refused.json()["error"]) == (403, "forbidden"), (path, refused.text)
+    assert httpx.get(f"{URL}/v1/models", headers=calm).status_code == 200  # any key
+    assert httpx.get(f"{URL}/healthz").status_code == 200  # health is for load balancers: no key
+    stats = client.get("/v1/stats")  # admin
+    assert stats.status_code == 200 and stats.json()["upscaler"]["device"] == "cpu"
+
+
+def test_the_proxy_speaks_only_tls_with_the_configured_certificate(deployed):
+    import ssl
+
+    served = ssl.get_server_certificate(("127.0.0.1", 8000))
+    assert ssl.PEM_cert_to_DER_cert(served) == ssl.PEM_cert_to_DER_cert(deployed["tls"][0].read_text())
+    with pytest.raises(httpx.HTTPError):  # plain HTTP on the same port: no answer at all
+        httpx.get("http://127.0.0.1:8000/healthz", timeout=10)
+
+
+def test_rays_own_ports_refuse_a_client_without_the_token(deployed, tmp_path):
+    # The fixture starts the cluster as cluster.yaml does: RAY_AUTH_MODE=token, the token in a file.
+    token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    jobs_api = f"{DASHBOARD}/api/jobs/"  # runs arbitrary code: the reason for the token
+    assert httpx.get(jobs_api, timeout=10).status_code == 401
+    assert httpx.get(jobs_api, headers={"authorization": f"Bearer {token}"}, timeout=10).status_code == 200
+    driver = f"import ray; ray.init(address={deployed['cluster'].address!r}); print('connected')"
+
+    def connect(**env) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+        return subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=120, env=env)
+
+    # this process connected with the token file; a driver with a wrong token, or none at all
+    # (no file named, none in an empty home folder), cannot
+    for refused in (connect(RAY_AUTH_TOKEN="not-the-token"), connect(RAY_AUTH_TOKEN_PATH=None, HOME=str(tmp_path))):
+        assert refused.returncode != 0 and "connected" not in refused.stdout
+        assert "token" in refused.stderr.lower(), refused.stderr[-2000:]
+
+
+def test_a_key_past_its_rate_gets_429_and_another_key_is_unaffected(deployed, small_photo):
+    busy = _bearer(deployed, "busy")  # 7 requests at once, then one each 100 s; 3000 pixels, then 10 a second
+    params = {"model": "realesr-animevideov3"}
+    assert httpx.post(f"{URL}/v1/restore", params=params, content=_png(small_photo), headers=busy).status_code == 200
+    again = httpx.post(f"{URL}/v1/restore", params=params, content=_png(small_photo), headers=busy)
+    assert (again.status_code, again.json()["error"]) == (429, "rate_limited"), again.text  # 2240 pixels twice
+    assert 100 < int(again.headers["retry-after"]) <= (2 * 2240 - 3000) / 10 + 1  # less what refilled meanwhile
+    big = httpx.post(f"{URL}/v1/restore", content=_png(np.zeros((60, 60, 3), np.uint8)), headers=busy)
+    assert (big.status_code, big.json()["error"]) == (413, "too_many_pixels"), big.text  # would never fit
+
+    async def burst(name: str, n: int):
+        async with httpx.AsyncClient(base_url=URL, timeout=60, headers=_bearer(deployed, name)) as http:
+            return await asyncio.gather(*(http.get("/v1/models") for _ in range(n)))
+
+    async def both():
+        return await asyncio.gather(burst("busy", 24), burst("calm", 24))
+
+    busy_answers, calm_answers = asyncio.run(both())
+    assert [r.status_code for r in calm_answers] == [200] * 24
+    # 4 requests left of busy's 7, though four ingress replicas answer (each with buckets of its
+    # own, up to 28 would pass): the buckets live in the broker's Redis
+    assert sorted(r.status_code for r in busy_answers) == [200] * 4 + [429] * 20
+    for refused in (r for r in busy_answers if r.status_code == 429):
+        assert refused.json()["error"] == "rate_limited" and 1 <= int(refused.headers["retry-after"]) <= 100
 
 
 def test_the_configured_tile_builds_each_engine_once(client):
@@ -331,7 +439,7 @@ def _ended(job: dict) -> bool:
     return job["status"] in ("succeeded", "failed", "canceled")
 
 
-def test_a_job_from_an_upload_gives_the_synchronous_result(client, small_photo):
+def test_a_job_from_an_upload_gives_the_synchronous_result(deployed, client, small_photo):
     assert _replicas("JobConsumer") == 0  # no consumer runs until a job is queued
     params = {"model": "realesr-animevideov3"}
     submitted = client.post("/v1/jobs", params=params, content=_png(small_photo))
@@ -350,6 +458,17 @@ def test_a_job_from_an_upload_gives_the_synchronous_result(client, small_photo):
     again = client.post("/v1/jobs", params=params, content=_png(small_photo), headers={"idempotency-key": "one"})
     same = client.post("/v1/jobs", params=params, content=_png(small_photo), headers={"idempotency-key": "one"})
     assert (again.status_code, same.status_code) == (202, 200) and again.json()["id"] == same.json()["id"]
+    # Another key sees none of these jobs, and its idempotency keys are its own; an admin key sees all.
+    other = _bearer(deployed, "other")
+    assert httpx.get(f"{URL}/v1/jobs/{job['id']}", headers=other).status_code == 404
+    assert httpx.get(f"{URL}/v1/jobs/{job['id']}/result", headers=other).status_code == 404
+    assert httpx.get(f"{URL}/v1/jobs", headers=other).json()["jobs"] == []
+    mine = httpx.post(f"{URL}/v1/jobs", params=params, content=_png(small_photo),
+                      headers={**other, "idempotency-key": "one"})
+    assert mine.status_code == 202 and mine.json()["id"] != again.json()["id"]
+    assert [j["id"] for j in httpx.get(f"{URL}/v1/jobs", headers=other).json()["jobs"]] == [mine.json()["id"]]
+    assert mine.json()["id"] in {j["id"] for j in client.get("/v1/jobs").json()["jobs"]}
+    assert _job_until(client, mine.json()["id"], _ended)["status"] == "succeeded"
 
 
 def test_a_job_from_a_url_calls_its_signed_webhook(deployed, client, files, small_photo):
@@ -673,7 +792,7 @@ def test_overload_is_a_json_503_and_accepted_requests_complete(deployed, small_p
     _wait_for(_running, 60, "the tighter queues")
 
     async def burst():
-        async with httpx.AsyncClient(base_url=URL, timeout=300) as http:
+        async with httpx.AsyncClient(base_url=URL, timeout=300, headers=_bearer(deployed, "tests")) as http:
             return await asyncio.gather(*(
                 http.post("/v1/restore", params={"model": "RealESRGAN_x4plus"}, content=_png(small_photo))
                 for _ in range(30)))
@@ -719,14 +838,17 @@ def test_reconfigure_applies_without_restarting_replicas(deployed, client, small
     _wait_for(lambda: client.post("/v1/restore", content=big).status_code == 200, 180, "the old limits")
 
 
-def test_a_missing_model_loads_once_its_file_appears_and_healthz_turns_200(deployed, client, small_photo):
+def test_a_missing_model_loads_once_its_file_appears_and_readyz_says_so(deployed, client, small_photo):
     # The offered model without weights gets its file now: the upscaler's background retry (every
     # weights.retry_interval_s) loads it, with no redeploy, and nothing is missing any more.
     folder = Path(deployed["config"]["applications"][0]["args"]["weights"]["folder"])
     save_random_checkpoint("RealESRNet_x4plus", folder, layout="params_ema")
-    _wait_for(lambda: client.get("/healthz").status_code == 200, 120, "a healthy graph")
-    body = client.get("/healthz").json()
-    assert body == {"status": "ok", "devices": {"upscaler": "cpu", "faces": "cpu"}}
+    _wait_for(lambda: client.get("/readyz").json()["status"] == "ok", 120, "every model loaded")
+    body = client.get("/readyz").json()
+    assert body == {"status": "ok", "devices": {"upscaler": "cpu", "faces": "cpu"},
+                    "models": {name: {"loaded": True} for name in [
+                        "realesr-animevideov3", "RealESRGAN_x4plus", "RealESRNet_x4plus", "GFPGANv1.4"]}}
+    assert client.get("/healthz").json() == {"status": "ok"}
     # the ingress's memory of the missing model lasts one retry interval: then it serves it
     _wait_for(lambda: client.post("/v1/restore", params={"model": "RealESRNet_x4plus"},
                                   content=_png(small_photo)).status_code == 200, 30, "the loaded model served")
@@ -735,6 +857,72 @@ def test_a_missing_model_loads_once_its_file_appears_and_healthz_turns_200(deplo
 def test_consumers_are_gone_once_no_job_is_left(deployed):
     # Every job of this module has ended by now; the policy sees an empty queue and nothing taken.
     _wait_for(lambda: _replicas("JobConsumer") == 0, 90, "the consumers' scale-down to zero")
+
+
+def _scrape(deployed) -> dict[str, float]:
+    """Every sample the nodes' metrics agents export now: 'name{labels}' -> value."""
+    samples = {}
+    for node in (deployed["cluster"].head_node, deployed["gpu_node"]):
+        text = httpx.get(f"http://127.0.0.1:{node.metrics_export_port}/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                series, value = line.rsplit(" ", 1)
+                samples[series] = samples.get(series, 0.0) + float(value)
+    return samples
+
+
+def _total(samples: dict[str, float], family: str, **labels: str) -> float:
+    """The sum of ``family``'s samples whose labels include ``labels``."""
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(value for series, value in samples.items()
+               if series.split("{", 1)[0] == family and all(w in series for w in wanted))
+
+
+def test_metrics_are_exported_beside_rays_own_after_known_requests(deployed, client, files, small_photo):
+    # Everything this module did so far shows; three more restores must show as three more.
+    restored = {"family": "ray_restore_requests_total", "route": "/v1/restore", "status": "200",
+                "model": "realesr-animevideov3"}
+    before = _total(_scrape(deployed), restored.pop("family"), **restored)
+    for _ in range(3):
+        assert client.post("/v1/restore", params={"model": "realesr-animevideov3"},
+                           content=_png(small_photo)).status_code == 200
+    # The consumers' counters leave with their processes, which scale to none between tests:
+    # a job that succeeds and one that fails now, while a consumer is up to export them.
+    jobs = [client.post("/v1/jobs", content=_png(small_photo)).json(),
+            client.post("/v1/jobs", json={"image_url": f"{files.url}/nothing.png"}).json()]
+    assert [_job_until(client, job["id"], _ended)["status"] for job in jobs] == ["succeeded", "failed"]
+    _wait_for(lambda: _total(_scrape(deployed), "ray_restore_requests_total", **restored) >= before + 3
+              and _total(_scrape(deployed), "ray_restore_jobs_total", state="failed") > 0,
+              60, "the three requests and the failed job in the exported counters")
+    samples = _scrape(deployed)
+    assert _total(samples, "ray_serve_num_http_requests_total") > 0  # Ray's own, beside ours
+    for status in ("401", "403", "429", "413", "415"):  # from the tests above
+        assert _total(samples, "ray_restore_requests_total", status=status) > 0, status
+    assert _total(samples, "ray_restore_rate_limited_total", key="busy") >= 20
+    for step in ("decode", "tiles", "stitch", "canvas", "paste", "encode", "restore"):
+        assert _total(samples, "ray_restore_step_seconds_count", step=step) > 0, step
+    assert _total(samples, "ray_restore_step_seconds_sum", step="decode") > 0
+    for stage, step in (("upscaler", "queued"), ("upscaler", "served"), ("faces", "detect"), ("faces", "restore")):
+        assert _total(samples, "ray_restore_gpu_step_seconds_count", stage=stage, step=step) > 0, (stage, step)
+    for stage in ("upscale", "detect", "restore"):
+        assert _total(samples, "ray_restore_batch_size_count", stage=stage) > 0, stage
+        assert _total(samples, "ray_restore_batch_size_sum", stage=stage) > 0, stage
+    assert _total(samples, "ray_restore_faces_total") >= 2
+    assert _total(samples, "ray_restore_gpu_memory_bytes", kind="cap") == 0  # CPU engines: no GPU memory
+    assert ("ray_restore_gpu_memory_bytes", "allocated") in {
+        (series.split("{")[0], series.split('kind="')[1].split('"')[0]) for series in samples
+        if series.startswith("ray_restore_gpu_memory_bytes")}
+    assert _total(samples, "ray_restore_jobs_total", state="queued") >= _total(
+        samples, "ray_restore_jobs_total", state="succeeded") > 0
+    assert _total(samples, "ray_restore_jobs_total", state="failed") > 0
+    assert {"waiting", "taken"} <= {series.split('state="')[1].split('"')[0] for series in samples
+                                    if series.startswith("ray_restore_job_queue{")}
+    # the dashboard shipped for Grafana asks for these families and Ray's
+    dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+    asked = {re.sub(r"_(bucket|count|sum)$", "", name) for panel in dashboard["panels"]
+             for target in panel.get("targets", []) for name in re.findall(r"\bray_\w+", target["expr"])}
+    exported = {re.sub(r"_(bucket|count|sum)$", "", series.split("{")[0]) for series in samples}
+    assert asked <= exported, asked - exported
 
 
 def test_requests_enter_on_the_head_and_run_on_the_gpu_node(deployed, client, small_photo):
@@ -749,7 +937,7 @@ def test_losing_the_gpu_node_mid_load_fails_only_its_requests_clearly(deployed, 
     cluster = deployed["cluster"]
 
     async def load():
-        async with httpx.AsyncClient(base_url=URL, timeout=180) as http:
+        async with httpx.AsyncClient(base_url=URL, timeout=180, headers=_bearer(deployed, "tests")) as http:
             requests = [http.post("/v1/restore", params={"model": "RealESRGAN_x4plus"}, content=_png(small_photo))
                         for _ in range(6)]
             tasks = [asyncio.ensure_future(r) for r in requests]

@@ -108,3 +108,11 @@ def test_a_picture_of_tile_size_is_one_tile(store, astronaut_bgr):
     img = np.ascontiguousarray(astronaut_bgr[:64, :64])
     assert [x.shape for x in TilePlanner(4, config.tile).prepare(img).inputs()] == [(3, 64, 64)]
     assert _upscaled(store, config, img, "realesr-animevideov3").shape == (256, 256, 3)
+
+
+def test_a_scale_that_leaves_less_than_a_pixel_is_an_invalid_option(store):
+    # found by the fuzz test: a 3x2 picture at scale 0.2 reached OpenCV's resize with a zero size
+    from serve_app.errors import InvalidOption
+
+    with pytest.raises(InvalidOption, match="smaller than one pixel"):
+        _upscaled(store, UNTILED, np.zeros((2, 3, 3), np.uint8), model="realesr-animevideov3", scale=0.2)

@@ -31,7 +31,7 @@ _DETECT, _RESTORE = 0, 1  # the device lanes
 
 @serve.deployment
 class FaceDeployment(GpuReplica):
-    engine_name = "GFPGAN"
+    engine_name, stage = "GFPGAN", "faces"
 
     def __init__(self, args: AppArgs):
         super().__init__(args, device_lanes=2)
@@ -100,6 +100,7 @@ class FaceDeployment(GpuReplica):
         """One detector pass per model over the pictures of every waiting request (the detector
         batches those of one size), at most ``face_detect_batch_pixels`` per pass."""
         self.batch_sizes["detect"][len(items)] += 1
+        self._count_batch("detect", len(items))
         for indices in group_indices(items, lambda item: id(item[0])):
             engine = items[indices[0]][0]
             for chunk in _by_pixels(indices, [items[i][1] for i in indices], self.args.face_detect_batch_pixels):
@@ -115,6 +116,7 @@ class FaceDeployment(GpuReplica):
         every waiting request: in one pass each, or face by face where the networks run so (see
         ``FaceEngine.restore_each``), each face delivered as soon as it is done."""
         self.batch_sizes["restore"][len(items)] += 1
+        self._count_batch("restore", len(items))
         loop = asyncio.get_running_loop()
         for indices in group_indices(items, lambda item: (id(item[0]), item[1], item[2])):
             engine, strength, paste, _ = items[indices[0]]

@@ -15,6 +15,8 @@ import numpy as np
 import ray
 import torch
 
+from serve_app.metrics import observe_gpu_steps
+
 
 def cap_gpu_memory(device: torch.device, fraction: float | None) -> float | None:
     """Cap this process's CUDA allocations at ``fraction`` of the card (default: the replica's GPU
@@ -100,13 +102,15 @@ def timed_call(fn: Callable[..., R], *args) -> tuple[R, float]:
 
 class StepTimes:
     """Where the last ``window`` requests of a replica spent their time, step by step, for
-    ``stats()`` and the benchmark: each step's p50 and p99 in ms."""
+    ``stats()`` and the benchmark (each step's p50 and p99 in ms), and for the metrics."""
 
-    def __init__(self, window: int = 2000):
+    def __init__(self, stage: str, window: int = 2000):
+        self.stage = stage
         self._rows: deque[dict[str, float]] = deque(maxlen=window)
 
     def add(self, **steps_ms: float) -> None:
         self._rows.append(steps_ms)
+        observe_gpu_steps(self.stage, steps_ms)
 
     def clear(self) -> None:
         self._rows.clear()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import ray
+import torch
 
 from serve_app.config import AppArgs, EngineConfig, RuntimeConfig
 from serve_app.deployments.gpu import StepTimes, cap_gpu_memory, gpu_memory, gpu_waits, sleep_while_gpu_works
@@ -18,6 +19,7 @@ from serve_app.deployments.logs import quiet_client_errors
 from serve_app.deployments.models import EngineCache
 from serve_app.deployments.threads import Workers
 from serve_app.engines.device import resolve_device
+from serve_app.metrics import observe_batch, set_gpu_memory
 from serve_app.weights import WeightsStore
 
 log = logging.getLogger("ray.serve")
@@ -25,6 +27,7 @@ log = logging.getLogger("ray.serve")
 
 class GpuReplica:
     engine_name = "model"  # for the log line naming the device
+    stage = "gpu"  # the metrics' name for this replica's deployment
 
     def __init__(self, args: AppArgs, device_lanes: int = 1):
         keep_freed_memory()
@@ -33,7 +36,7 @@ class GpuReplica:
         self.args, self.store = args, WeightsStore(args.weights)
         self.runtime = RuntimeConfig()
         self.engines = EngineCache(self._load, retry_interval_s=args.weights.retry_interval_s)
-        self.times = StepTimes()
+        self.times = StepTimes(self.stage)
         self.workers = Workers(device_lanes=device_lanes)
         self.device = resolve_device(args.device)
         self.memory_fraction = cap_gpu_memory(self.device, self.runtime.gpu_memory_fraction)
@@ -55,6 +58,15 @@ class GpuReplica:
         log.info("%s deployment on %s", self.engine_name, self.device)
         self.engines.preload(self._offered())
         freeze_heap()
+
+    def _count_batch(self, step: str, size: int) -> None:
+        """A device batch's size, and this replica's GPU memory after it, for the metrics."""
+        observe_batch(step, size)
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            set_gpu_memory(torch.cuda.memory_allocated(self.device), int((self.memory_fraction or 1.0) * total))
+        else:
+            set_gpu_memory(0, 0)
 
     def reconfigure(self, user_config: dict) -> None:
         self.runtime = RuntimeConfig.model_validate(user_config)

@@ -1,4 +1,4 @@
-"""What /healthz says: whether the graph can serve, and if not, why.
+"""What /healthz and /readyz say: whether the graph can serve, which models, and if not, why.
 
 Serve's own status comes first: a deployment with no running replica cannot answer a handle
 call (the call would wait for one), and a replica that cannot be placed carries Serve's message
@@ -36,8 +36,11 @@ def _deployment_problems() -> tuple[dict[str, dict], bool]:
     return problems, all_running
 
 
-async def graph_health(upscaler: DeploymentHandle, faces: DeploymentHandle, preprocess: DeploymentHandle) -> dict:
-    """The health answer's body; its ``status`` is "ok" only when the graph can serve every offered model."""
+async def graph_health(upscaler: DeploymentHandle, faces: DeploymentHandle, preprocess: DeploymentHandle,
+                       offered: list[str]) -> dict:
+    """The readiness answer's body. Its ``status``: "ok" when every offered model is loaded,
+    "degraded" when some are, and otherwise why nothing can be served: "starting", "unavailable"
+    or "no_model"."""
     try:
         problems, all_running = await asyncio.wait_for(asyncio.to_thread(_deployment_problems), _ANSWER_WITHIN_S)
         if not all_running:
@@ -47,10 +50,18 @@ async def graph_health(upscaler: DeploymentHandle, faces: DeploymentHandle, prep
             upscaler.stats.remote(), faces.stats.remote(), preprocess.ping.remote()), _ANSWER_WITHIN_S)
     except Exception as exc:  # noqa: BLE001
         return {"status": "unavailable", "detail": str(typed_error(exc))}
-    body: dict = {"status": "ok", "devices": {"upscaler": up["device"], "faces": face["device"]}}
     failures = {**up["failures"], **face["failures"]}
-    if failures:
-        body.update(status="degraded", detail="some models are not loaded", models=failures)
+    models = {name: {"loaded": False, "detail": failures[name]} if name in failures else {"loaded": True}
+              for name in offered}
+    body: dict = {"status": "ok", "devices": {"upscaler": up["device"], "faces": face["device"]}, "models": models}
+    if not any(model["loaded"] for model in models.values()):
+        body.update(status="no_model", detail="no offered model is loaded")
+    elif failures:
+        body.update(status="degraded", detail="some offered models are not loaded")
     if problems:  # serving, but some replicas are starting, stopping or cannot be placed
         body["deployments"] = problems
     return body
+
+
+def can_serve(body: dict) -> bool:
+    return body["status"] in ("ok", "degraded")

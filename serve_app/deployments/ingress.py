@@ -1,7 +1,8 @@
 """The HTTP ingress and the Python API: parse requests, admit them, call the graph, map errors.
 
-It owns HTTP and nothing else; every pixel operation happens in the other deployments. What it
-admits is bounded: ``max_in_flight`` requests in the graph at once (more get 503 ``overloaded``
+It owns HTTP and nothing else; every pixel operation happens in the other deployments. Who may
+call is decided here, before a body is read: an API key with the route's scope, within its rate
+limits (``serve_app.access``). What it admits is bounded: ``max_in_flight`` requests in the graph at once (more get 503 ``overloaded``
 at once, never a queue), each with a deadline of ``request_timeout_s`` that every deployment
 downstream checks, and bodies that must arrive within ``body_timeout_s``.
 """
@@ -9,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import time
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, get_args
 
 import numpy as np
 from ray import serve
@@ -19,10 +21,12 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from serve_app.access.keys import KeyRing
+from serve_app.access.limits import RateLimiter
 from serve_app.api import RestoreOptions, Restored, parse_options
-from serve_app.config import AppArgs, RuntimeConfig
+from serve_app.config import ApiKeyConfig, AppArgs, RuntimeConfig, Scope
 from serve_app.deployments.failures import typed_error
-from serve_app.deployments.health import graph_health
+from serve_app.deployments.health import can_serve, graph_health
 from serve_app.deployments.heap import freeze_heap, keep_freed_memory
 from serve_app.deployments.logs import quiet_client_errors
 from serve_app.deployments.jobs_api import JobsApi
@@ -32,10 +36,20 @@ from serve_app.deployments.request_body import (
 from serve_app.errors import (
     Draining, MethodNotAllowed, NotFound, Overloaded, RequestTimeout, RestoreError, WeightsUnavailable,
 )
-from serve_app.imageio import CONTENT_TYPES, encode
+from serve_app.imageio import CONTENT_TYPES, encode, probe
+from serve_app.metrics import count_request
+from serve_app.openapi import openapi
 from serve_app.weights import MODELS, WeightsStore
 
 log = logging.getLogger("ray.serve")
+PUBLIC, ANY_KEY = "public", "any key"  # what a route asks of its caller, besides a scope
+
+
+def _listening_on() -> str:
+    """The host Serve's HTTP proxies bind, as the controller holds it."""
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client().http_config.host
 
 
 @serve.deployment
@@ -44,18 +58,29 @@ class Ingress:
                  faces: DeploymentHandle, jobs_consumer: DeploymentHandle | None = None):
         keep_freed_memory()
         quiet_client_errors()
-        # The GPU deployments' handles serve /healthz only; requests go through the CPU deployment.
+        # The GPU deployments' handles serve health and stats only; requests go through the CPU deployment.
         self.args, self.store, self.runtime = args, WeightsStore(args.weights), RuntimeConfig()
         self.preprocess, self.upscaler, self.faces = preprocess, upscaler, faces
-        self.routes: dict[str, dict[str, Callable[[Request], Awaitable[Response]]]] = {
-            "/v1/restore": {"POST": self._http_restore}, "/inference": {"POST": self._http_legacy_inference},
-            "/v1/models": {"GET": self._http_models}, "/healthz": {"GET": self._http_healthz}}
+        # path -> method -> (handler, the scope its caller's key needs: PUBLIC, ANY_KEY or a scope)
+        self.routes: dict[str, dict[str, tuple[Callable[[Request], Awaitable[Response]], str]]] = {
+            "/v1/restore": {"POST": (self._http_restore, "restore")},
+            "/inference": {"POST": (self._http_legacy_inference, "restore")},
+            "/v1/models": {"GET": (self._http_models, ANY_KEY)},
+            "/v1/stats": {"GET": (self._http_stats, "admin")},
+            "/healthz": {"GET": (self._http_healthz, PUBLIC)}, "/readyz": {"GET": (self._http_readyz, PUBLIC)},
+            "/openapi.json": {"GET": (self._http_openapi, PUBLIC)}}
+        self.keys = KeyRing(args.auth, _listening_on())  # refuses to serve beyond localhost without keys
+        # Limits shared through the job queue's Redis where there is one.
+        self.limiter = RateLimiter(args.jobs.broker_url)
         # Jobs need a broker: restore-serve starts one and sets args.jobs.broker_url.
         self.jobs = JobsApi(args, self._check_models) if args.jobs.broker_url else None
         self.in_flight = 0  # requests of this replica inside the graph now
         # model -> (why, until when): models a GPU replica said it cannot load, refused here at
         # once until its next background retry
         self.missing: dict[str, tuple[str, float]] = {}
+        self._offered = [*args.upscalers, *args.face_models]
+        self._anonymous = ApiKeyConfig(name="anonymous", hash="sha256:" + "0" * 64, scopes=list(get_args(Scope)),
+                                       rate_limit=args.auth.rate_limit)
         freeze_heap()
 
     def reconfigure(self, user_config: dict) -> None:
@@ -65,16 +90,13 @@ class Ingress:
     async def __call__(self, request: Request) -> Response:
         started = time.perf_counter()
         path, method, error_code = request.url.path, request.method, None
+        caller = None
         try:
-            if path == "/v1/jobs" or path.startswith("/v1/jobs/"):
-                response = await self._http_jobs(request, path)
-            else:
-                methods = self.routes.get(path)
-                if methods is None:
-                    raise NotFound(f"no route {path}")
-                if method not in methods:
-                    raise MethodNotAllowed(f"{path} takes {', '.join(methods)}, not {method}", tuple(methods))
-                response = await methods[method](request)
+            handler, scope = self._route(path, method)
+            if scope != PUBLIC:
+                request.state.caller = caller = self._caller(request, scope)
+                await self.limiter.take(caller.name, caller.rate_limit, requests=1)
+            response = await handler(request)
         except Exception as exc:  # noqa: BLE001  (the one place errors become HTTP answers)
             error = typed_error(exc)
             if not isinstance(error, RestoreError):
@@ -84,20 +106,60 @@ class Ingress:
                 error_code = error.code
                 response = JSONResponse(error.to_json(), error.status, headers=error.headers())
         elapsed_ms = (time.perf_counter() - started) * 1e3
+        count_request(self._route_name(path), response.status_code, getattr(request.state, "model", ""))
         response.headers["x-timing-total-ms"] = f"{elapsed_ms:.1f}"  # in the graph: client and proxy aside
         # One line a request (Serve's own access log is off; its JSON log adds the request id);
         # health checks only at DEBUG.
-        level = logging.DEBUG if path == "/healthz" else logging.INFO if response.status_code < 500 else logging.WARNING
-        log.log(level, "%s %s %d%s %.1f ms", method, path, response.status_code,
-                f" {error_code}" if error_code else "", elapsed_ms,
-                extra={"status": response.status_code, "error_code": error_code})
+        level = logging.DEBUG if path in ("/healthz", "/readyz") else \
+            logging.INFO if response.status_code < 500 else logging.WARNING
+        log.log(level, "%s %s %d%s %.1f ms%s", method, path, response.status_code,
+                f" {error_code}" if error_code else "", elapsed_ms, f" key={caller.name}" if caller else "",
+                extra={"status": response.status_code, "error_code": error_code,
+                       "api_key": caller.name if caller else None})
         return response
+
+    def _route(self, path: str, method: str) -> tuple[Callable[[Request], Awaitable[Response]], str]:
+        if path == "/v1/jobs" or path.startswith("/v1/jobs/"):
+            return (lambda request: self._http_jobs(request, path)), "jobs"
+        methods = self.routes.get(path)
+        if methods is None:
+            raise NotFound(f"no route {path}")
+        if method not in methods:
+            raise MethodNotAllowed(f"{path} takes {', '.join(methods)}, not {method}", tuple(methods))
+        return methods[method]
+
+    def _route_name(self, path: str) -> str:
+        """The route a path took, ids left out, for the metrics' labels: a bounded set."""
+        if path in self.routes or path == "/v1/jobs":
+            return path
+        parts = path.split("/")  # "", "v1", "jobs", id, then cancel or result
+        if parts[:3] == ["", "v1", "jobs"] and (len(parts) == 4 or len(parts) == 5 and parts[4] in ("cancel", "result")):
+            return "/".join(["/v1/jobs/{id}", *parts[4:]])
+        return "other"
+
+    def _caller(self, request: Request, scope: str) -> ApiKeyConfig:
+        """The key the request carries, holding ``scope``; with no keys configured (localhost, or
+        ``auth.required: false``), everyone is one caller, ``anonymous``, under ``auth.rate_limit``."""
+        key = self.keys.caller(request.headers.get("authorization"), None if scope == ANY_KEY else scope)
+        if key is None:
+            return self._anonymous
+        return key if key.rate_limit else key.model_copy(update={"rate_limit": self.args.auth.rate_limit})
+
+    async def _charge_pixels(self, request: Request, data: bytes | None) -> None:
+        """Take an upload's pixels from its caller's pixel bucket, from the header alone."""
+        caller = request.state.caller
+        if data and caller.rate_limit.pixels_per_s:
+            limits = self.runtime.limits
+            pixels = probe(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels).pixels
+            await self.limiter.take(caller.name, caller.rate_limit, pixels=pixels)
 
     async def _http_restore(self, request: Request) -> Response:
         self._check_room()  # before reading a body that would be refused anyway
         data, values, wants_json = await within(self.runtime.body_timeout_s,
                                                 image_request(request, self.runtime.limits))
         options = parse_options(values)
+        request.state.model = options.upscaler or "none"
+        await self._charge_pixels(request, data)
         result = await self._in_graph(options, lambda deadline: self.preprocess.restore_bytes.remote(
             data, options, deadline))
         headers = {f"x-timing-{k}-ms": f"{v:.1f}" for k, v in result.timings_ms.items()}
@@ -116,7 +178,9 @@ class Ingress:
         self._check_room()
         document = json_object(await within(self.runtime.body_timeout_s, raw_body(request, self.runtime.limits)))
         data = base64_field(document.get("img_str"), "img_str")
+        await self._charge_pixels(request, data)
         options = parse_options({"format": "png"})
+        request.state.model = options.upscaler
         result = await self._in_graph(options, lambda deadline: self.preprocess.restore_bytes.remote(
             data, options, deadline))
         return JSONResponse(base64.b64encode(result.data).decode())
@@ -129,9 +193,14 @@ class Ingress:
             self._check_room()
             limits = self.runtime.limits
             data, values, _ = await within(self.runtime.body_timeout_s, request_fields(request, limits))
+            await self._charge_pixels(request, data)
             return data, values, limits
 
-        return await self.jobs.http(request, [p for p in path[len("/v1/jobs"):].split("/") if p], read_submit)
+        caller = request.state.caller  # with no keys, everyone is the one anonymous caller and sees all
+        keyed = caller is not self._anonymous
+        return await self.jobs.http(request, [p for p in path[len("/v1/jobs"):].split("/") if p], read_submit,
+                                    owner=caller.name if keyed else None,
+                                    sees_all=not keyed or "admin" in caller.scopes)
 
     async def _http_models(self, request: Request) -> Response:
         offered = set(self.args.upscalers) | set(self.args.face_models)
@@ -142,11 +211,30 @@ class Ingress:
         ]})
 
     async def _http_healthz(self, request: Request) -> Response:
-        """200 when every deployment answers and every offered model is loaded; else 503 with why."""
+        """Liveness: 200 while the graph can serve at least one model (and while it drains: the
+        process is alive and finishing its work); 503 with why otherwise."""
+        body = await graph_health(self.upscaler, self.faces, self.preprocess, self._offered)
+        short = {k: v for k, v in body.items() if k in ("status", "detail")}
+        if self.runtime.draining and can_serve(body):
+            short["status"] = "draining"
+        return JSONResponse(short, 200 if can_serve(body) else 503)
+
+    async def _http_readyz(self, request: Request) -> Response:
+        """Readiness: each offered model, loaded or not and why, the devices and the deployments
+        not healthy; 503 only while nothing can be served, or while draining."""
         if self.runtime.draining:
             return JSONResponse({"status": "draining", "in_flight": self.in_flight}, 503)
-        body = await graph_health(self.upscaler, self.faces, self.preprocess)
-        return JSONResponse(body, 200 if body["status"] == "ok" else 503)
+        body = await graph_health(self.upscaler, self.faces, self.preprocess, self._offered)
+        return JSONResponse(body, 200 if can_serve(body) else 503)
+
+    async def _http_openapi(self, request: Request) -> Response:
+        return JSONResponse(openapi())
+
+    async def _http_stats(self, request: Request) -> Response:
+        """What the GPU replicas report of themselves (one replica of each, as Serve routes)."""
+        up, face = await asyncio.gather(self.upscaler.stats.remote(), self.faces.stats.remote())
+        body = {"upscaler": up, "faces": face, "ingress": {"in_flight": self.in_flight}}
+        return Response(json.dumps(body, default=str), media_type="application/json")  # numpy numbers, paths
 
     # ------------------------------------------------------------------ Python API
     async def restore(self, image: np.ndarray | bytes, **options) -> Restored:

@@ -22,6 +22,7 @@ from serve_app.errors import InvalidOption, JobNotDone, MethodNotAllowed, NotFou
 from serve_app.imageio import CONTENT_TYPES, probe
 from serve_app.jobs.records import STATUSES, new_id
 from serve_app.jobs.system import TASK, JobSystem, task_processor_config
+from serve_app.metrics import count_job
 
 
 class JobsApi:
@@ -36,9 +37,10 @@ class JobsApi:
 
     # ------------------------------------------------------------------ the operations
     async def submit(self, data: bytes | None, values: dict, limits: LimitsConfig,
-                     idempotency_key: str | None = None) -> tuple[dict, bool]:
+                     idempotency_key: str | None = None, owner: str | None = None) -> tuple[dict, bool]:
         """(the job's view, whether it is new). ``values``: the options of /v1/restore plus
-        ``image_url`` (instead of ``data``) and ``webhook``."""
+        ``image_url`` (instead of ``data``) and ``webhook``; ``owner``: the API key's name, whose
+        idempotency keys are its own."""
         values = dict(values)
         image_url, webhook = values.pop("image_url", None), values.pop("webhook", None)
         options = parse_options(values)
@@ -58,13 +60,15 @@ class JobsApi:
             await asyncio.to_thread(system.objects.put, input_key, data, "application/octet-stream")
         job, created = await asyncio.to_thread(
             system.records.create, job_id=job_id, options=_stored(options), input_key=input_key,
-            image_url=image_url, webhook=webhook, idempotency_key=idempotency_key)
+            image_url=image_url, webhook=webhook, owner=owner,
+            idempotency_key=None if idempotency_key is None else f"{owner or ''}:{idempotency_key}")
         if not created:
             if input_key:
                 await asyncio.to_thread(system.objects.delete, [input_key])
             return system.view(job), False
         try:
             await asyncio.to_thread(self._enqueue, job.id)
+            count_job("queued")
         except Exception as exc:  # noqa: BLE001  the broker is down or unreachable
             await asyncio.to_thread(system.records.delete, [job.id])
             if input_key:
@@ -73,27 +77,32 @@ class JobsApi:
                                    "nothing was kept, retry shortly", retry_after_s=5) from None
         return system.view(job), True
 
-    async def get(self, job_id: str) -> dict:
-        return self.system.view(await self._job(job_id))
+    # ``owner`` below: the API key's name whose jobs alone it may see; None: every job.
+    async def get(self, job_id: str, owner: str | None = None) -> dict:
+        return self.system.view(await self._job(job_id, owner))
 
-    async def cancel(self, job_id: str) -> dict:
-        await self._job(job_id)
-        return self.system.view(await asyncio.to_thread(self.system.records.cancel, job_id))
+    async def cancel(self, job_id: str, owner: str | None = None) -> dict:
+        before = await self._job(job_id, owner)
+        after = await asyncio.to_thread(self.system.records.cancel, job_id)
+        if before.status == "queued" and after.status == "canceled":
+            count_job("canceled")  # a running job is counted by its consumer, which sees it stop
+        return self.system.view(after)
 
-    async def page(self, status: str | None, cursor: str | None, limit: int) -> dict:
+    async def page(self, status: str | None, cursor: str | None, limit: int, owner: str | None = None) -> dict:
         if status is not None and status not in STATUSES:
             raise InvalidOption(f"status must be one of {', '.join(STATUSES)}")
         if not 1 <= limit <= 1000:
             raise InvalidOption("limit must be between 1 and 1000")
         try:
-            jobs, after = await asyncio.to_thread(self.system.records.page, status=status, cursor=cursor, limit=limit)
+            jobs, after = await asyncio.to_thread(self.system.records.page, status=status, cursor=cursor,
+                                                  limit=limit, owner=owner)
         except KeyError:
             raise InvalidOption("the cursor names no job") from None
         return {"jobs": [self.system.view(job) for job in jobs], "next_cursor": after}
 
-    async def result(self, job_id: str) -> tuple[bytes | None, str | None, str]:
+    async def result(self, job_id: str, owner: str | None = None) -> tuple[bytes | None, str | None, str]:
         """(the image, or None with a URL to fetch it from; its format)."""
-        job = await self._job(job_id)
+        job = await self._job(job_id, owner)
         if job.status != "succeeded":
             raise JobNotDone(f"job {job_id} is {job.status}; its result exists once it has succeeded")
         key, fmt = job.output["key"], job.output["format"]
@@ -102,15 +111,18 @@ class JobsApi:
             return None, url, fmt
         return await asyncio.to_thread(self.system.objects.get, key), None, fmt
 
-    async def _job(self, job_id: str):
+    async def _job(self, job_id: str, owner: str | None):
         job = await asyncio.to_thread(self.system.records.get, job_id)
-        if job is None:
+        if job is None or (owner is not None and job.owner != owner):  # another key's: as if none
             raise NotFound(f"no job {job_id} (jobs are kept {self.args.jobs.retention_s / 3600:g} h)")
         return job
 
     # ------------------------------------------------------------------ HTTP
-    async def http(self, request: Request, parts: list[str], read_submit) -> Response:
-        """Routes under /v1/jobs; ``read_submit`` reads a submit's body (admission, time limit)."""
+    async def http(self, request: Request, parts: list[str], read_submit, owner: str | None,
+                   sees_all: bool) -> Response:
+        """Routes under /v1/jobs; ``read_submit`` reads a submit's body (admission, time limit).
+        New jobs are ``owner``'s; the caller sees only those unless ``sees_all``."""
+        visible = None if sees_all else owner
         method, path = request.method, urlsplit(str(request.url)).path
         shape = tuple(parts[1:]) if parts else None  # None: /v1/jobs itself; (): one job; ("cancel",) ...
         allowed = {None: ("GET", "POST"), (): ("GET",), ("cancel",): ("POST",), ("result",): ("GET",)}.get(shape)
@@ -120,19 +132,19 @@ class JobsApi:
             raise MethodNotAllowed(f"{path} takes {', '.join(allowed)}, not {method}", allowed)
         if shape is None and method == "POST":
             data, values, limits = await read_submit()
-            view, created = await self.submit(data, values, limits, request.headers.get("idempotency-key"))
+            view, created = await self.submit(data, values, limits, request.headers.get("idempotency-key"), owner)
             return JSONResponse(view, 202 if created else 200, headers={"location": view["urls"]["get"]})
         if shape is None:
             q = request.query_params
             limit = q.get("limit", "50")
             if not limit.isdigit():
                 raise InvalidOption("limit must be a whole number")
-            return JSONResponse(await self.page(q.get("status"), q.get("cursor"), int(limit)))
+            return JSONResponse(await self.page(q.get("status"), q.get("cursor"), int(limit), visible))
         if shape == ():
-            return JSONResponse(await self.get(parts[0]))
+            return JSONResponse(await self.get(parts[0], visible))
         if shape == ("cancel",):
-            return JSONResponse(await self.cancel(parts[0]))
-        data, url, fmt = await self.result(parts[0])
+            return JSONResponse(await self.cancel(parts[0], visible))
+        data, url, fmt = await self.result(parts[0], visible)
         if url is not None:
             return RedirectResponse(url, 307)
         return Response(data, media_type=CONTENT_TYPES[fmt])

@@ -25,6 +25,7 @@ from serve_app.deployments.logs import quiet_client_errors
 from serve_app.deployments.threads import Workers
 from serve_app.errors import RequestTimeout, RestoreError, TooManyPixels
 from serve_app.imageio import check_array, decode, default_output_format, encode
+from serve_app.metrics import observe_steps
 
 
 @dataclass
@@ -72,6 +73,7 @@ class PreprocessDeployment:
             with timed(timings, "encode"):
                 encoded = await self.workers.cpu(encode, result.pixels, fmt, quality=options.quality,
                                                  helper=self.workers.cpu_pool)  # a free thread takes half
+            observe_steps(timings, result.faces)
             return Encoded(encoded, fmt, result.width, result.height, result.faces, timings)
         except Exception as exc:  # noqa: BLE001  a lost GPU replica is named here, where it is seen
             raise _typed(exc) from None
@@ -86,7 +88,9 @@ class PreprocessDeployment:
                                                  max_pixels=limits.max_pixels)).pixels
             else:
                 pixels = check_array(image, max_pixels=limits.max_pixels)
-            return await self._restore(pixels, options, {}, deadline)
+            result = await self._restore(pixels, options, {}, deadline)
+            observe_steps(result.timings_ms, result.faces)
+            return result
         except Exception as exc:  # noqa: BLE001
             raise _typed(exc) from None
 

@@ -13,6 +13,7 @@ import binascii
 import json
 
 from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from serve_app.config import LimitsConfig
@@ -45,7 +46,10 @@ async def request_fields(request: Request, limits: LimitsConfig) -> tuple[bytes 
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         _body_limit(request, limits, length_required=True)  # the form parser reads the rest itself
-        form = await request.form(max_files=1, max_fields=32)
+        try:
+            form = await request.form(max_files=1, max_fields=32)
+        except MultiPartException as exc:  # a malformed form: the client's error, never ours
+            raise InvalidOption(f"the multipart body is malformed: {exc.message}") from None
         upload = form.get("image")
         values.update({k: v for k, v in form.items() if k != "image" and isinstance(v, str)})
         return (await upload.read() if isinstance(upload, UploadFile) else None), values, "multipart"

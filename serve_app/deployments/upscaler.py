@@ -26,7 +26,7 @@ from serve_app.errors import RequestTimeout, TooMuchWork
 
 @serve.deployment
 class UpscalerDeployment(GpuReplica):
-    engine_name = "Real-ESRGAN"
+    engine_name, stage = "Real-ESRGAN", "upscaler"
 
     def __init__(self, args: AppArgs):
         super().__init__(args)
@@ -111,6 +111,7 @@ class UpscalerDeployment(GpuReplica):
         """
         started = time.perf_counter()
         self.batch_sizes[len(items)] += 1
+        self._count_batch("upscale", len(items))
         for group, indices in enumerate(group_indices(items, lambda item: (id(item[1]), item[2].shape,
                                                                            item[2].dtype))):
             key, engine, _ = items[indices[0]]

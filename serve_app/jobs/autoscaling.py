@@ -20,6 +20,7 @@ import redis
 from ray.serve.config import AutoscalingContext
 
 from serve_app.jobs.system import CONSUMER, QUEUE
+from serve_app.metrics import set_queue_depth
 
 log = logging.getLogger("ray.serve")
 POLICY = f"{__name__}:JobQueuePolicy"
@@ -38,7 +39,9 @@ class JobQueuePolicy:
     def _count(self) -> None:
         try:
             with self.redis.pipeline(transaction=False) as pipe:
-                self.jobs = sum(pipe.llen(self.queue_name).hlen(UNACKED).execute())
+                waiting, taken = pipe.llen(self.queue_name).hlen(UNACKED).execute()
+            self.jobs = waiting + taken
+            set_queue_depth(waiting, taken)
         except redis.RedisError as exc:  # the last count stands until the broker answers
             log.warning("could not count the jobs in the queue: %s", exc)
 

@@ -30,6 +30,7 @@ from serve_app.errors import (
 from serve_app.imageio import CONTENT_TYPES, probe
 from serve_app.jobs.system import CONSUMER, TASK, JobSystem, task_processor_config, webhook_secret
 from serve_app.jobs.webhooks import Webhooks
+from serve_app.metrics import count_job
 
 log = logging.getLogger("ray.serve")
 PASSING = (Overloaded, ReplicaLost, RequestTimeout, WeightsUnavailable)  # may succeed if tried again
@@ -62,6 +63,7 @@ class JobConsumer:
             key, output = self._run(job)
         except Canceled:
             log.info("job %s cancelled while it ran", job_id)
+            count_job("canceled")
             return "canceled"
         except Exception as exc:  # noqa: BLE001  every failure is recorded or retried
             error = typed_error(exc)
@@ -72,12 +74,14 @@ class JobConsumer:
                 raise  # unacknowledged: Celery hands it out again
             if records.fail(job_id, attempt, error.code, error.detail):
                 log.info("job %s failed: %s", job_id, error.code)
+                count_job("failed")
                 self._notify(job_id, "failed")
             return "failed"
         if not records.succeed(job_id, attempt, output):
             self.jobs.objects.delete([key])  # cancelled at the last moment, or taken over
             return "discarded"
         log.info("job %s succeeded", job_id)
+        count_job("succeeded")
         self._notify(job_id, "succeeded")
         return "succeeded"
 

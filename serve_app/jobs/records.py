@@ -14,7 +14,9 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import JSON, DateTime, Integer, String, Text, create_engine, delete, event, func, select, update
+from sqlalchemy import (
+    JSON, DateTime, Integer, String, Text, create_engine, delete, event, func, inspect, select, text, update,
+)
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -44,6 +46,7 @@ class _Job(_Base):
     webhook: Mapped[str | None] = mapped_column(Text)
     output: Mapped[dict | None] = mapped_column(JSON)  # key, format, bytes, width, height, faces
     error: Mapped[dict | None] = mapped_column(JSON)  # code, detail: the synchronous path's
+    owner: Mapped[str | None] = mapped_column(String(64), index=True)  # the API key's name that submitted it
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class JobRecord:
     webhook: str | None
     output: dict | None
     error: dict | None
+    owner: str | None
 
     @property
     def final(self) -> bool:
@@ -112,6 +116,17 @@ class JobRecords:
             _Base.metadata.create_all(self.engine)
         except DBAPIError:  # every replica creates the table at start: another one won the race
             _Base.metadata.create_all(self.engine)
+        self._add_owner_column()
+
+    def _add_owner_column(self) -> None:
+        """A table made before jobs had owners gets the column (empty: jobs only admins see)."""
+        if "owner" in {column["name"] for column in inspect(self.engine).get_columns("jobs")}:
+            return
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(text("ALTER TABLE jobs ADD COLUMN owner VARCHAR(64)"))
+        except DBAPIError:  # another replica added it meanwhile
+            pass
 
     def close(self) -> None:
         self.engine.dispose()
@@ -119,12 +134,12 @@ class JobRecords:
     # ------------------------------------------------------------------ submit and read
     def create(self, *, options: dict, job_id: str | None = None, input_key: str | None = None,
                image_url: str | None = None, webhook: str | None = None,
-               idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
+               idempotency_key: str | None = None, owner: str | None = None) -> tuple[JobRecord, bool]:
         """A new queued job, or (``created`` False) the one already made with ``idempotency_key``."""
         at = now()
         row = _Job(id=job_id or new_id(), status="queued", created_at=at, updated_at=at,
                    expires_at=at + self.retention, attempt=0, idempotency_key=idempotency_key,
-                   options=options, input_key=input_key, image_url=image_url, webhook=webhook)
+                   options=options, input_key=input_key, image_url=image_url, webhook=webhook, owner=owner)
         job_id = row.id  # the row is expired once its session commits
         try:
             with Session(self.engine) as session, session.begin():
@@ -142,12 +157,14 @@ class JobRecords:
             row = session.get(_Job, job_id)
             return None if row is None else _record(row)
 
-    def page(self, *, status: str | None = None, cursor: str | None = None,
-             limit: int = 50) -> tuple[list[JobRecord], str | None]:
-        """Newest first; ``cursor`` is the last id of the previous page."""
+    def page(self, *, status: str | None = None, cursor: str | None = None, limit: int = 50,
+             owner: str | None = None) -> tuple[list[JobRecord], str | None]:
+        """Newest first (``owner``'s only, when given); ``cursor`` is the last id of the previous page."""
         query = select(_Job).order_by(_Job.created_at.desc(), _Job.id.desc()).limit(limit + 1)
         if status is not None:
             query = query.where(_Job.status == status)
+        if owner is not None:
+            query = query.where(_Job.owner == owner)
         with Session(self.engine) as session:
             if cursor is not None:
                 last = session.get(_Job, cursor)
