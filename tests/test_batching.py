@@ -122,9 +122,11 @@ def test_a_timed_call_returns_the_result_and_the_time_on_its_own_thread():
 
 def test_a_batched_item_is_told_how_long_it_waited_and_how_long_its_batch_took():
     async def main():
-        batcher = DeviceBatcher(_device([], seconds=0.05), max_batch_size=4, wait_s=0.005)
+        started = []
+        batcher = DeviceBatcher(_device(started, seconds=0.05), max_batch_size=4, wait_s=0.005)
         first = asyncio.ensure_future(batcher.submit_timed(1))
-        await asyncio.sleep(0.01)  # the first batch is on the device now
+        while not started:  # until the first batch is on the device (a fixed sleep races a busy machine)
+            await asyncio.sleep(0.001)
         second = await batcher.submit_timed(2)  # waits for it, then runs in the next
         return await first, second
 

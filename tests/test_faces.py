@@ -193,6 +193,7 @@ def test_prior_boxes_equal_facexlibs(store):
         np.testing.assert_array_equal(prior_boxes(cfg, height, width), expected)
 
 
+@pytest.mark.timeout(600)  # inductor compiles GFPGAN and ParseNet on shared cores: minutes on two
 def test_compiled_face_networks_answer_as_eager_ones_face_by_face(engine, store, astronaut_bgr, tmp_path):
     # The engine the face replica runs on CUDA (there as CUDA graphs): GFPGAN and ParseNet
     # compiled for one face, a batch going face by face, kernels saved beside the weights.
