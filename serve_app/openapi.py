@@ -135,6 +135,10 @@ def openapi() -> dict:
                             "responses": {"200": {"description": "Ready"}, "503": {"description": "Not ready"}}}},
         "/openapi.json": {"get": {"summary": "This document", "operationId": "openapi", "security": [],
                                   "responses": {"200": {"description": "OpenAPI 3.1"}}}},
+        "/": {"get": {"summary": "A web page to try the service (it asks for a key where one is needed)",
+                      "operationId": "page", "security": [],
+                      "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": {
+                          "type": "string"}}}}}}},
     }
     schemas = {
         **named,

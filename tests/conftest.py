@@ -86,6 +86,23 @@ def restore_with(networks, pixels: np.ndarray, **options) -> Restored:
     return restore_image(pixels, RestoreOptions(**options), networks)
 
 
+def photo_with_profile_and_gps(small_photo, orientation=1) -> tuple[bytes, bytes]:
+    """A JPEG as a phone writes one: an ICC profile, GPS tags and an EXIF orientation."""
+    import io
+
+    from PIL import Image, ImageCms
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    exif[0x010F] = "Camera maker"
+    exif.get_ifd(0x8825).update({1: "N", 2: (51.0, 30.0, 12.5), 3: "W", 4: (0.0, 7.0, 39.9)})
+    buf = io.BytesIO()
+    Image.fromarray(cv2.cvtColor(small_photo, cv2.COLOR_BGR2RGB)).save(
+        buf, "JPEG", quality=95, exif=exif, icc_profile=icc)
+    return buf.getvalue(), icc
+
+
 def has_cuda_driver() -> bool:
     """Whether this machine has a CUDA driver (the GPU replicas then sleep while the GPU works)."""
     try:

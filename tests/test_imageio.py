@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
+from conftest import photo_with_profile_and_gps
 from serve_app.errors import (
     CorruptImage, EmptyImage, InvalidOption, NotAnImage, TooManyBytes, TooManyPixels, UnsupportedFormat,
 )
@@ -225,3 +226,41 @@ def test_pixel_limit_below_pillows_own(small_photo):
     assert probe(_png(small_photo), max_bytes=10**6, max_pixels=h * w).pixels == h * w
     with pytest.raises(TooManyPixels):
         probe(_png(small_photo), max_bytes=10**6, max_pixels=h * w - 1)
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+@pytest.mark.parametrize("alpha", [False, True])
+def test_icc_profile_and_exif_are_carried_with_the_orientation_reset(small_photo, fmt, alpha):
+    from serve_app.imageio import Metadata
+
+    data, icc = photo_with_profile_and_gps(small_photo, orientation=6)
+    decoded = decode(data, **LIMITS)
+    pixels = np.dstack([decoded.pixels, decoded.pixels[:, :, 0]]) if alpha else decoded.pixels
+    kept = Metadata.carried(decoded.header.icc, decoded.header.exif)
+    for quality in (None, 101):  # WebP: lossy (VP8 in an extended file when there is alpha) and lossless
+        encoded = encode(pixels, fmt, quality=quality, metadata=kept)
+        with Image.open(io.BytesIO(encoded)) as out:
+            out.load()  # every chunk and segment where a reader expects it
+            assert out.format.lower() == fmt and out.size == (40, 56)
+            assert out.info["icc_profile"] == icc
+            exif = out.getexif()
+            assert exif[0x0112] == 1 and exif[0x010F] == "Camera maker"
+            gps = exif.get_ifd(0x8825)
+            assert (gps[1], gps[3], float(gps[2][2]), float(gps[4][2])) == ("N", "W", 12.5, 39.9)
+            assert out.mode == ("RGBA" if alpha and fmt != "jpeg" else "RGB")
+        np.testing.assert_array_equal(decode(encoded, **LIMITS).pixels, decode(encode(pixels, fmt, quality=quality),
+                                                                            **LIMITS).pixels)
+        plain = encode(pixels, fmt, quality=quality)
+        with Image.open(io.BytesIO(plain)) as out:
+            assert "icc_profile" not in out.info and not out.getexif()
+
+
+def test_exif_that_does_not_parse_is_dropped_and_a_large_profile_spans_jpeg_segments(small_photo):
+    from serve_app.imageio import Metadata
+
+    assert Metadata.carried(None, b"not a TIFF structure") is None
+    icc = bytes(range(256)) * 700  # 179 kB: three APP2 segments
+    encoded = encode(small_photo, "jpeg", metadata=Metadata(icc=icc))
+    assert encoded.count(b"ICC_PROFILE\x00") == 3
+    with Image.open(io.BytesIO(encoded)) as out:
+        assert out.info["icc_profile"] == icc

@@ -26,6 +26,11 @@ def test_the_cpu_replicas_and_the_ingress_import_neither_torch_nor_facexlib():
     assert not {m for m in loaded if m.split(".")[0] in ("torch", "facexlib", "basicsr", "torchvision")}
 
 
+def test_the_client_and_the_batch_command_need_neither_ray_nor_torch():
+    loaded = _loaded_after_importing(["serve_app.client", "serve_app.client.batch"])
+    assert not {m for m in loaded if m.split(".")[0] in ("ray", "torch", "facexlib", "basicsr")}
+
+
 def test_the_gpu_side_loads_them_only_when_imported():
     loaded = _loaded_after_importing(["serve_app.engines.upscaler"])
     assert "torch" in loaded

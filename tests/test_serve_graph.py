@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import io
 import json
 import os
 import re
@@ -31,8 +32,10 @@ from ray._private.authentication_test_utils import reset_auth_token_state  # Ray
 from ray.cluster_utils import Cluster
 from ray.serve.schema import ServeDeploySchema
 
-from conftest import ASTRONAUT_FACE, has_cuda_driver, restore_with, save_random_checkpoint
-from servers import self_signed_certificate
+from conftest import (
+    ASTRONAUT_FACE, has_cuda_driver, photo_with_profile_and_gps, restore_with, save_random_checkpoint,
+)
+from servers import chromium, self_signed_certificate
 from serve_app.access.keys import key_hash, new_key
 from serve_app.config import EngineConfig, TileConfig
 from serve_app.engines import face_geometry as geo
@@ -581,6 +584,136 @@ def test_jobs_through_the_python_handle(deployed, small_photo):
         handle.submit_job.remote(None, model="realesr-animevideov3").result()
 
 
+def test_the_python_client_restores_paths_bytes_arrays_and_urls_with_typed_errors(
+        deployed, client, files, small_photo, tmp_path):
+    from PIL import Image
+
+    from serve_app.client import AsyncClient, Client
+    from serve_app.errors import InvalidOption, TooManyPixels, Unauthorized, UnsupportedFormat
+
+    params = {"model": "realesr-animevideov3"}
+    expected = _image(client.post("/v1/restore", params=params, content=_png(small_photo)))
+    path = tmp_path / "photo.png"
+    path.write_bytes(_png(small_photo))
+    files.files["/photo.png"] = _png(small_photo)
+    with Client(URL, api_key=deployed["keys"]["tests"]) as restore:
+        for image in (path, str(path), _png(small_photo), small_photo, f"{files.url}/photo.png"):
+            result = restore.restore(image, **params)
+            assert (result.format, result.width, result.height) == ("png", 224, 160), image
+            np.testing.assert_array_equal(result.array(), expected)
+        assert restore.restore(path, width=100, **params).array().shape == (71, 100, 3)
+        # the photo's ICC profile and GPS tags are kept unless keep_metadata is false
+        jpeg, icc = photo_with_profile_and_gps(small_photo)
+        kept = restore.restore(jpeg, **params)
+        assert kept.format == "jpeg"
+        with Image.open(io.BytesIO(kept.data)) as out:
+            assert out.info["icc_profile"] == icc and out.getexif().get_ifd(0x8825)[1] == "N"
+        with Image.open(io.BytesIO(restore.restore(jpeg, keep_metadata=False, **params).data)) as out:
+            assert "icc_profile" not in out.info and not out.getexif()
+        with pytest.raises(UnsupportedFormat) as refused:
+            restore.restore(b"<svg xmlns='http://www.w3.org/2000/svg'/>")
+        assert (refused.value.code, refused.value.status) == ("unsupported_format", 415)
+        with pytest.raises(TooManyPixels, match="5000x4000 = 20000000 pixels; the limit is 16000000"):
+            restore.restore(np.zeros((800, 1000, 3), np.uint8), width=5000, **params)  # from the header
+        job = restore.wait(restore.submit(path, face_enhance=False, **params), timeout=120)
+        assert job.status == "succeeded" and job.output["width"] == 224
+        np.testing.assert_array_equal(restore.result(job).array(), expected)
+        sized = restore.wait(restore.submit(path, width=100, height=60, **params), timeout=120)
+        assert (sized.output["width"], sized.output["height"]) == (84, 60)
+        with pytest.raises(TooManyPixels):  # a job is refused at submit, from the header
+            restore.submit(np.zeros((800, 1000, 3), np.uint8), width=5000, **params)
+        with pytest.raises(InvalidOption, match="the most is x8"):
+            restore.submit(path, width=500, **params)
+        files.files["/drawing.svg"] = b"<svg xmlns='http://www.w3.org/2000/svg'/>"
+        with pytest.raises(UnsupportedFormat) as failed:
+            restore.restore(f"{files.url}/drawing.svg")  # a URL runs as a job, which fails
+        assert failed.value.job.status == "failed"
+    with Client(URL, api_key="rsk_not-a-key") as stranger, pytest.raises(Unauthorized):
+        stranger.models()
+
+    async def several():
+        async with AsyncClient(URL, api_key=deployed["keys"]["tests"]) as restore:
+            return await asyncio.gather(*(restore.restore(small_photo, **params) for _ in range(4)))
+
+    for result in asyncio.run(several()):
+        np.testing.assert_array_equal(result.array(), expected)
+
+
+def test_the_batch_command_restores_a_folder_resumably_and_reports_failures(deployed, small_photo, tmp_path):
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    (inputs / "more").mkdir(parents=True)
+    for name in ("a.png", "b.jpg", "more/c.webp"):
+        cv2.imwrite(str(inputs / name), small_photo)
+    (inputs / "drawing.tif").write_bytes(b"<svg xmlns='http://www.w3.org/2000/svg'/>")
+    (inputs / "notes.txt").write_text("not a picture: not taken")
+    command = [str(Path(sys.executable).parent / "restore-serve-batch"), str(inputs), str(outputs), "-r",
+               "--url", URL, "-n", "realesr-animevideov3", "-s", "2", "-j", "3"]
+    env = {**os.environ, "RESTORE_SERVE_API_KEY": deployed["keys"]["tests"]}
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 1, first.stderr  # one input failed
+    assert "3 restored, 0 already there, 1 failed" in first.stderr
+    assert "drawing.tif: unsupported_format" in first.stderr and "img/s" in first.stderr  # the rate, then the ETA
+    made = sorted(str(p.relative_to(outputs)) for p in outputs.rglob("*") if p.is_file())
+    assert made == ["a_out.png", "b_out.jpg", "more/c_out.png"]
+    assert cv2.imread(str(outputs / "more/c_out.png")).shape == (80, 112, 3)
+    (inputs / "drawing.tif").unlink()
+    (outputs / "a_out.png").unlink()
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "1 restored, 2 already there, 0 failed" in again.stderr
+    refused = subprocess.run([*command[:3], "--url", URL, "-s", "2", "--width", "10"], env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "not allowed with argument" in refused.stderr
+    sized = subprocess.run([*command[:2], str(tmp_path / "sized"), "--url", URL, "-n", "realesr-animevideov3",
+                            "--width", "100"], env=env, capture_output=True, text=True, timeout=120)
+    assert sized.returncode == 0, sized.stderr
+    assert cv2.imread(str(tmp_path / "sized" / "a_out.png")).shape == (71, 100, 3)
+
+
+def test_the_web_page_restores_a_photo_and_shows_the_services_errors(deployed, small_photo, tmp_path):
+    browser_path = chromium()
+    if browser_path is None:
+        pytest.skip("no Chromium here and none installable (not root, or no apt-get): the page is not tested")
+    from playwright.sync_api import sync_playwright
+
+    artifacts = Path(os.environ.get("RESTORE_SERVE_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+    artifacts.mkdir(exist_ok=True)
+    photo, svg = tmp_path / "photo.png", tmp_path / "drawing.svg"
+    photo.write_bytes(_png(small_photo))
+    svg.write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        try:
+            page = browser.new_context(ignore_https_errors=True).new_page()  # the self-signed certificate
+            page.goto(URL + "/")
+            page.fill("#key", deployed["keys"]["tests"])
+            page.dispatch_event("#key", "change")  # the page keeps it and lists the offered models
+            page.wait_for_selector("#model option[value=realesr-animevideov3]", state="attached")
+            page.select_option("#model", "realesr-animevideov3")
+            page.set_input_files("#file", str(photo))
+            page.wait_for_function("!document.getElementById('go').disabled")
+            page.click("#go")
+            page.wait_for_selector("#result", state="visible", timeout=60_000)
+            size = page.evaluate("[document.getElementById('after').naturalWidth, "
+                                 "document.getElementById('after').naturalHeight]")
+            assert size == [224, 160]
+            assert page.inner_text("#sizes") == "56×40 → 224×160"
+            assert page.get_attribute("#download", "download") == "photo_out.png"
+            page.screenshot(path=str(artifacts / "page-restored.png"), full_page=True)
+            page.check("input[name=size][value=target]")  # a target size instead of the scale
+            page.fill("#width", "100")
+            page.click("#go")
+            page.wait_for_function("document.getElementById('sizes').textContent.endsWith('100×71')")
+            page.set_input_files("#file", str(svg))
+            page.wait_for_function("!document.getElementById('go').disabled")
+            page.click("#go")
+            page.wait_for_selector("#error", state="visible", timeout=30_000)
+            assert page.inner_text("#error").startswith("unsupported_format: vector and markup images")
+            page.screenshot(path=str(artifacts / "page-error.png"), full_page=True)
+        finally:
+            browser.close()
+
+
 def test_legacy_inference_contract(client, small_photo):
     r = client.post("/inference", json={"img_str": base64.b64encode(_png(small_photo)).decode(), "tile": 0,
                                         "half": False})
@@ -655,11 +788,11 @@ def test_python_handle_api_from_a_ray_task(deployed, small_photo):
         handle = serve.get_app_handle("restore")
         result = handle.restore.remote(pixels, model="realesr-animevideov3", scale=2).result()
         png = cv2.imencode(".png", pixels)[1].tobytes()
-        encoded = handle.restore.remote(png, model="realesr-animevideov3").result()
+        encoded = handle.restore.remote(png, model="realesr-animevideov3", height=60).result()
         return result.pixels.shape, result.mode, result.faces, encoded.pixels.shape
 
     shape, mode, faces, from_bytes = ray.get(restore_in_a_task.remote(small_photo))
-    assert (shape, mode, faces, from_bytes) == ((80, 112, 3), "BGR", 0, (160, 224, 3))
+    assert (shape, mode, faces, from_bytes) == ((80, 112, 3), "BGR", 0, (60, 84, 3))
     handle = serve.get_app_handle("restore")
     with pytest.raises(Exception, match="numpy array"):
         handle.restore.remote(np.zeros((4, 4, 4, 4), np.uint8), model="realesr-animevideov3").result()
@@ -797,8 +930,22 @@ def test_overload_is_a_json_503_and_accepted_requests_complete(deployed, small_p
                 http.post("/v1/restore", params={"model": "RealESRGAN_x4plus"}, content=_png(small_photo))
                 for _ in range(30)))
 
+    async def burst_through_the_client():
+        from serve_app.client import AsyncClient
+
+        async with AsyncClient(URL, api_key=deployed["keys"]["tests"]) as restore:
+            return await asyncio.gather(*(restore.restore(small_photo, model="RealESRGAN_x4plus")
+                                          for _ in range(30)))
+
+    overloaded = {"family": "ray_restore_requests_total", "route": "/v1/restore", "status": "503"}
+    refusals_before = _total(_scrape(deployed), **overloaded)
     try:
         responses = asyncio.run(burst())
+        retried = asyncio.run(burst_through_the_client())  # the client waits out each Retry-After
+        # more refusals than the plain burst got: the client's, which it retried
+        refused_plainly = sum(r.status_code == 503 for r in responses)
+        _wait_for(lambda: _total(_scrape(deployed), **overloaded) > refusals_before + refused_plainly, 30,
+                  "the refusals the client retried, in the exported counter")
     finally:
         _deploy(deployed["config"], deployed["path"])
         _wait_for(_running, 60, "the usual queues")
@@ -806,6 +953,7 @@ def test_overload_is_a_json_503_and_accepted_requests_complete(deployed, small_p
     assert set(codes) <= {200, 503} and codes.count(200) > 0, codes  # accepted requests complete
     refused = [r for r in responses if r.status_code == 503]
     assert refused and all(r.json()["error"] == "overloaded" and r.headers["retry-after"] for r in refused)
+    assert [(r.width, r.height) for r in retried] == [(224, 160)] * 30
 
 
 def test_reconfigure_applies_without_restarting_replicas(deployed, client, small_photo, astronaut_bgr):

@@ -8,6 +8,7 @@ import torch
 from realesrgan import RealESRGANer
 
 from conftest import restore_with
+from serve_app.api import RestoreOptions
 from serve_app.config import EngineConfig, TileConfig
 from serve_app.cpu.tiles import TilePlanner
 from serve_app.engines.local import LocalNetworks
@@ -116,3 +117,33 @@ def test_a_scale_that_leaves_less_than_a_pixel_is_an_invalid_option(store):
 
     with pytest.raises(InvalidOption, match="smaller than one pixel"):
         _upscaled(store, UNTILED, np.zeros((2, 3, 3), np.uint8), model="realesr-animevideov3", scale=0.2)
+
+
+@pytest.mark.parametrize("size, expected", [
+    ({"width": 100}, (100, 71)),  # 56x40: the width met, the aspect kept
+    ({"height": 33}, (46, 33)),
+    ({"width": 100, "height": 60}, (84, 60)),  # fit inside both: the height limits
+])
+def test_a_target_size_fits_inside_and_keeps_the_aspect(store, small_photo, size, expected):
+    out = _upscaled(store, UNTILED, small_photo, model="realesr-animevideov3", **size)
+    assert out.shape[1::-1] == expected
+    # the very picture of the scale the size stands for
+    scale = RestoreOptions(model="realesr-animevideov3", **size).fitted(56, 40, 10**9).scale
+    assert scale == pytest.approx(min(t / n for t, n in ((size.get("width"), 56), (size.get("height"), 40)) if t))
+    np.testing.assert_array_equal(out, _upscaled(store, UNTILED, small_photo, model="realesr-animevideov3",
+                                                 scale=scale))
+
+
+def test_a_target_size_is_checked_against_the_limits_before_any_work():
+    from serve_app.errors import InvalidOption, TooManyPixels
+
+    options = RestoreOptions(model="realesr-animevideov3", width=4000)
+    with pytest.raises(TooManyPixels, match="4000x3000"):
+        options.fitted(800, 600, max_output_pixels=4000 * 2999)
+    assert options.fitted(800, 600, max_output_pixels=4000 * 3000).scale == pytest.approx(5)
+    with pytest.raises(InvalidOption, match="the most is x8"):
+        options.fitted(400, 300, max_output_pixels=10**9)
+    # every width is met exactly, whatever the float rounding of width / input width
+    assert all(int(333 * RestoreOptions(width=w).fitted(333, 100, 10**9).scale) == w for w in range(334, 2664))
+    with pytest.raises(ValueError, match="not both"):
+        RestoreOptions(scale=2, width=100)

@@ -9,6 +9,7 @@ pasted. numpy and OpenCV only: the networks are behind ``Networks``.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from contextlib import contextmanager
 from typing import Awaitable, Callable, Protocol
@@ -19,7 +20,6 @@ from serve_app.api import Restored, RestoreOptions
 from serve_app.config import TileConfig
 from serve_app.cpu.paste import FoundFaces, face_canvas, paste_faces, to_bgr8
 from serve_app.cpu.tiles import TilePlanner
-from serve_app.errors import InvalidOption
 from serve_app.imageio.codec import mode_of
 from serve_app.weights.registry import get_spec
 
@@ -43,14 +43,12 @@ async def inline(fn: Callable, *args, **kwargs):
 
 
 async def restore(pixels: np.ndarray, options: RestoreOptions, networks: Networks, *, tile: TileConfig,
-                  cpu: Callable[..., Awaitable] = inline, timings: dict[str, float] | None = None,
-                  deadline: float | None = None) -> Restored:
-    """``pixels`` (decoded and within the limits) restored as ``options`` say. ``cpu`` runs
+                  max_output_pixels: int = sys.maxsize, cpu: Callable[..., Awaitable] = inline,
+                  timings: dict[str, float] | None = None, deadline: float | None = None) -> Restored:
+    """``pixels`` (decoded and within the input limits) restored as ``options`` say. ``cpu`` runs
     each CPU step (a replica's thread pool keeps its event loop free); ``timings`` gets each
     step's milliseconds."""
-    if min(int(pixels.shape[0] * options.scale), int(pixels.shape[1] * options.scale)) < 1:
-        raise InvalidOption(f"scale {options.scale:g} makes this {pixels.shape[1]}x{pixels.shape[0]} picture "
-                            "smaller than one pixel")
+    options = options.fitted(pixels.shape[1], pixels.shape[0], max_output_pixels)
     steps = _Steps(options, networks, tile, cpu, {} if timings is None else timings, deadline)
     with steps.timed("restore"):
         if options.face_enhance:

@@ -13,13 +13,14 @@ import base64
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Awaitable, Callable, get_args
 
 import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from serve_app.access.keys import KeyRing
 from serve_app.access.limits import RateLimiter
@@ -43,6 +44,7 @@ from serve_app.weights import MODELS, WeightsStore
 
 log = logging.getLogger("ray.serve")
 PUBLIC, ANY_KEY = "public", "any key"  # what a route asks of its caller, besides a scope
+_PAGE = (Path(__file__).parent.parent / "web" / "index.html").read_text()
 
 
 def _listening_on() -> str:
@@ -68,7 +70,7 @@ class Ingress:
             "/v1/models": {"GET": (self._http_models, ANY_KEY)},
             "/v1/stats": {"GET": (self._http_stats, "admin")},
             "/healthz": {"GET": (self._http_healthz, PUBLIC)}, "/readyz": {"GET": (self._http_readyz, PUBLIC)},
-            "/openapi.json": {"GET": (self._http_openapi, PUBLIC)}}
+            "/openapi.json": {"GET": (self._http_openapi, PUBLIC)}, "/": {"GET": (self._http_page, PUBLIC)}}
         self.keys = KeyRing(args.auth, _listening_on())  # refuses to serve beyond localhost without keys
         # Limits shared through the job queue's Redis where there is one.
         self.limiter = RateLimiter(args.jobs.broker_url)
@@ -229,6 +231,11 @@ class Ingress:
 
     async def _http_openapi(self, request: Request) -> Response:
         return JSONResponse(openapi())
+
+    async def _http_page(self, request: Request) -> Response:
+        """The web page: static, and public (its calls carry the key the user types into it)."""
+        return HTMLResponse(_PAGE, headers={"x-content-type-options": "nosniff", "x-frame-options": "DENY",
+                                            "cache-control": "no-cache"})
 
     async def _http_stats(self, request: Request) -> Response:
         """What the GPU replicas report of themselves (one replica of each, as Serve routes)."""

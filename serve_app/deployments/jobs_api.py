@@ -53,7 +53,8 @@ class JobsApi:
                 raise InvalidOption("image_url and webhook must be URL strings")
             await asyncio.to_thread(system.urls.check, url)
         if data is not None:
-            probe(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
+            header = probe(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
+            options.fitted(*header.upright_size, limits.max_output_pixels)  # refused now, not when run
         job_id = new_id()
         input_key = None if data is None else f"inputs/{job_id}"
         if input_key:

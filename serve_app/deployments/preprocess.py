@@ -23,8 +23,8 @@ from serve_app.deployments.failures import typed_error
 from serve_app.deployments.heap import freeze_heap, keep_freed_memory
 from serve_app.deployments.logs import quiet_client_errors
 from serve_app.deployments.threads import Workers
-from serve_app.errors import RequestTimeout, RestoreError, TooManyPixels
-from serve_app.imageio import check_array, decode, default_output_format, encode
+from serve_app.errors import RequestTimeout, RestoreError
+from serve_app.imageio import Metadata, check_array, decode, default_output_format, encode, probe
 from serve_app.metrics import observe_steps
 
 
@@ -65,14 +65,20 @@ class PreprocessDeployment:
         try:
             _check_deadline(deadline)
             timings: dict[str, float] = {}
+            limits = self.runtime.limits
             with timed(timings, "decode"):
-                decoded = await self.workers.cpu(decode, data, max_bytes=self.runtime.limits.max_bytes,
-                                                 max_pixels=self.runtime.limits.max_pixels)
+                # the output's size checked from the header, before any pixel is decoded
+                header = probe(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
+                options = options.fitted(*header.upright_size, limits.max_output_pixels)
+                decoded = await self.workers.cpu(decode, data, max_bytes=limits.max_bytes,
+                                                 max_pixels=limits.max_pixels)
             result = await self._restore(decoded.pixels, options, timings, deadline)
-            fmt = options.format or default_output_format(decoded.header.format)
+            fmt = options.format or default_output_format(header.format)
+            metadata = Metadata.carried(header.icc, header.exif) if options.keep_metadata else None
             with timed(timings, "encode"):
                 encoded = await self.workers.cpu(encode, result.pixels, fmt, quality=options.quality,
-                                                 helper=self.workers.cpu_pool)  # a free thread takes half
+                                                 helper=self.workers.cpu_pool,  # a free thread takes half
+                                                 metadata=metadata)
             observe_steps(timings, result.faces)
             return Encoded(encoded, fmt, result.width, result.height, result.faces, timings)
         except Exception as exc:  # noqa: BLE001  a lost GPU replica is named here, where it is seen
@@ -96,12 +102,8 @@ class PreprocessDeployment:
 
     async def _restore(self, pixels: np.ndarray, options: RestoreOptions, timings: dict,
                        deadline: float | None) -> Restored:
-        scale = options.scale
-        out_pixels = int(pixels.shape[0] * scale) * int(pixels.shape[1] * scale)
-        if out_pixels > self.runtime.limits.max_output_pixels:
-            raise TooManyPixels(f"the result would be {out_pixels} pixels; the limit is "
-                                f"{self.runtime.limits.max_output_pixels}")
-        return await restore(pixels, options, self.networks, tile=self.args.tile, cpu=self.workers.cpu,
+        return await restore(pixels, options, self.networks, tile=self.args.tile,
+                             max_output_pixels=self.runtime.limits.max_output_pixels, cpu=self.workers.cpu,
                              timings=timings, deadline=deadline)
 
 

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from serve_app.errors import CorruptImage, EmptyImage, InvalidOption, TooManyPixels, UnsupportedFormat
+from serve_app.imageio.metadata import Metadata, embed
 from serve_app.imageio.png import encode_png
 from serve_app.imageio.probe import ImageHeader, probe
 
@@ -126,21 +127,22 @@ def default_output_format(input_format: str) -> str:
 
 
 def encode(pixels: np.ndarray, fmt: str, *, quality: int | None = None, png_compression: int = 1,
-           helper: Executor | None = None) -> bytes:
+           helper: Executor | None = None, metadata: Metadata | None = None) -> bytes:
     """An array to PNG, JPEG or WebP bytes.
 
     PNG keeps 16 bits and alpha. JPEG has neither: 16-bit drops to 8 and alpha is discarded.
     WebP keeps alpha at 8 bits. ``quality`` (1-100) applies to JPEG (default 95) and WebP
     (default 90; above 100 is lossless). PNG goes through ``encode_png`` (ISA-L's deflate at
     ``png_compression``, 0-3), about twice as fast as OpenCV's writer, and a large one may
-    share its deflating with a ``helper`` thread pool.
+    share its deflating with a ``helper`` thread pool. ``metadata`` (an ICC profile, EXIF) is
+    written into the file.
     """
     if fmt not in OUTPUT_FORMATS:
         raise InvalidOption(f"format must be one of {', '.join(OUTPUT_FORMATS)}, not {fmt!r}")
     if quality is not None and not 1 <= quality <= 101:
         raise InvalidOption(f"quality must be between 1 and 100 (101: lossless WebP), not {quality}")
     if fmt == "png":
-        return encode_png(pixels, png_compression, helper=helper)
+        return embed(encode_png(pixels, png_compression, helper=helper), fmt, metadata)
     if fmt == "jpeg":
         pixels = _drop_alpha(to_8bit(pixels))
         params = [cv2.IMWRITE_JPEG_QUALITY, min(quality or 95, 100)]
@@ -150,7 +152,7 @@ def encode(pixels: np.ndarray, fmt: str, *, quality: int | None = None, png_comp
     ok, buf = cv2.imencode("." + fmt, np.ascontiguousarray(pixels), params)
     if not ok:  # OpenCV reports no reason; this only happens for shapes we never produce
         raise RuntimeError(f"OpenCV could not encode a {pixels.shape} {pixels.dtype} image as {fmt}")
-    return buf.tobytes()
+    return embed(buf.tobytes(), fmt, metadata)
 
 
 def to_8bit(pixels: np.ndarray) -> np.ndarray:

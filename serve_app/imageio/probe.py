@@ -27,10 +27,17 @@ class ImageHeader:
     width: int
     height: int
     orientation: int = 1  # EXIF orientation, 1 (upright) to 8
+    icc: bytes | None = None  # the ICC colour profile, as stored
+    exif: bytes | None = None  # the EXIF block (a TIFF structure), as stored
 
     @property
     def pixels(self) -> int:
         return self.width * self.height
+
+    @property
+    def upright_size(self) -> tuple[int, int]:
+        """(width, height) once the EXIF orientation is applied."""
+        return (self.height, self.width) if self.orientation in (5, 6, 7, 8) else (self.width, self.height)
 
 
 def probe(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageHeader:
@@ -47,6 +54,7 @@ def probe(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageHeader:
                 fmt, (width, height) = img.format, img.size
                 _check_size(fmt, width, height, max_pixels)  # before EXIF: reading it may decode
                 orientation = _orientation(img)
+                icc, exif = img.info.get("icc_profile") or None, _exif_block(img)
         except Image.DecompressionBombError:
             raise TooManyPixels(
                 f"the image header claims over {2 * Image.MAX_IMAGE_PIXELS} pixels; the limit is {max_pixels}"
@@ -57,7 +65,7 @@ def probe(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageHeader:
             if data.startswith(_SIGNATURES) or data[8:12] == b"WEBP":
                 raise CorruptImage(f"the image header is damaged or cut short: {exc}") from None
             raise NotAnImage(f"the image header could not be read: {exc}") from None
-    return ImageHeader(SUPPORTED[fmt], width, height, orientation)
+    return ImageHeader(SUPPORTED[fmt], width, height, orientation, icc, exif)
 
 
 def _check_size(fmt: str, width: int, height: int, max_pixels: int) -> None:
@@ -83,6 +91,14 @@ def _orientation(img: Image.Image) -> int:
     except Exception:  # a damaged EXIF block must not cost the picture; treat it as upright
         return 1
     return value if 1 <= value <= 8 else 1
+
+
+def _exif_block(img: Image.Image) -> bytes | None:
+    """The EXIF TIFF structure without the ``Exif\\0\\0`` some containers put before it."""
+    exif = img.info.get("exif")
+    if not isinstance(exif, bytes):
+        return None
+    return exif[6:] if exif.startswith(b"Exif\x00\x00") else exif or None
 
 
 def _unrecognised(data: bytes) -> Exception:
