@@ -59,6 +59,10 @@ class RestoreOptions(BaseModel):
         return self
 
 
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of the result of a ``width`` x ``height`` input, once ``scale`` is set."""
+        return int(width * self.scale), int(height * self.scale)
+
     def fitted(self, width: int, height: int, max_output_pixels: int) -> RestoreOptions:
         """These options for a ``width`` x ``height`` input: ``scale`` from the target size where one
         was asked, and the result checked against the output limit before any work."""
@@ -73,7 +77,7 @@ class RestoreOptions(BaseModel):
             while int(size * scale) < target:  # the steps size the output as int(size * scale)
                 scale = math.nextafter(scale, math.inf)
             options = self.model_copy(update={"scale": scale})
-        out_width, out_height = int(width * options.scale), int(height * options.scale)
+        out_width, out_height = options.output_size(width, height)
         if min(out_width, out_height) < 1:
             raise InvalidOption(f"scale {options.scale:g} makes this {width}x{height} picture smaller than one pixel")
         if out_width * out_height > max_output_pixels:

@@ -87,6 +87,8 @@ class JobsConfig(_Strict):
     webhook_secret: str | None = Field(default=None, description="HMAC key webhooks are signed with; "
                                        "default a random one kept in data_dir.")
     webhook_give_up_s: float = Field(default=600, gt=0, description="How long a webhook is retried.")
+    video_frames_in_flight: int = Field(default=16, gt=0, le=256, description="A video job's frames in the "
+                                        "graph at once: enough to fill the GPU's batches, bounded memory.")
     urls: UrlConfig = UrlConfig()
 
     def resolved_data_dir(self) -> Path:
@@ -157,6 +159,12 @@ class LimitsConfig(_Strict):
     max_pixels: int = Field(default=16_000_000, gt=0, description="Input width x height.")
     max_output_pixels: int = Field(default=8192 * 8192, gt=0, description="Output width x height (2048x2048 at x4).")
     max_faces: int = Field(default=20, gt=0, description="Faces restored per image; the largest are kept.")
+    max_video_bytes: int = Field(default=1024 * 1024 * 1024, gt=0, description="A video job's input file "
+                                 "(an upload is also bound by max_bytes' body limit; larger ones come by URL).")
+    max_video_s: float = Field(default=600.0, gt=0, description="A video's duration, from its container's header.")
+    max_video_frames: int = Field(default=36_000, gt=0, description="A video's frames (10 minutes at 60 fps).")
+    max_output_pixels_per_s: int = Field(default=3840 * 2160 * 60, gt=0, description="A video's output width "
+                                         "x height x frame rate: what its encode costs a second of video.")
 
 
 class TileConfig(_Strict):

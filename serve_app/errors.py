@@ -56,6 +56,22 @@ class TooManyPixels(RestoreError):
     status, code = 413, "too_many_pixels"
 
 
+class CorruptVideo(RestoreError):
+    """A container whose header or frames cannot be read through: truncated or damaged."""
+
+    status, code = 400, "corrupt_video"
+
+
+class NoVideoStream(RestoreError):
+    status, code = 400, "no_video_stream"
+
+
+class VideoTooLong(RestoreError):
+    """Past the video limits: duration, frame count or output pixels a second."""
+
+    status, code = 413, "video_too_long"
+
+
 class WeightsUnavailable(RestoreError):
     """A model's weights are neither on disk nor downloadable."""
 

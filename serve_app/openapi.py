@@ -11,17 +11,20 @@ import functools
 
 from serve_app.api import RestoreOptions
 from serve_app.jobs.records import STATUSES
+from serve_app.video.pipeline import VideoOutput
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/tiff")
 
 
 def _errors(*statuses: int) -> dict:
-    why = {400: "Bad input (invalid_option, empty_image, not_an_image, corrupt_image, url_refused)",
+    why = {400: "Bad input (invalid_option, empty_image, not_an_image, corrupt_image, url_refused; "
+                "for a video job corrupt_video, no_video_stream)",
            401: "No API key, or an unknown one (unauthorized)", 403: "The key lacks the route's scope (forbidden)",
            404: "No such route or job (not_found)", 405: "Another method (method_not_allowed)",
            408: "The body arrived too slowly (body_timeout)", 409: "The job has not succeeded (job_not_done)",
-           413: "Too many bytes or pixels, or too much work (too_many_bytes, too_many_pixels, too_much_work)",
+           413: "Too many bytes or pixels, or too much work (too_many_bytes, too_many_pixels, too_much_work, "
+                "video_too_long)",
            415: "Not a supported image format (unsupported_format)",
            422: "A job's URL names a host that does not resolve (url_unreachable)",
            429: "The key is past its rate (rate_limited); see Retry-After",
@@ -69,7 +72,8 @@ def openapi() -> dict:
     restored_image["application/json"] = {"schema": {"$ref": "#/components/schemas/RestoredJson"}}
     job_fields = {"image_url": {"type": "string", "format": "uri", "description": "An image to fetch instead "
                                 "of an upload (public addresses only)"},
-                  "webhook": {"type": "string", "format": "uri", "description": "Called, signed, when the job ends"}}
+                  "webhook": {"type": "string", "format": "uri", "description": "Called, signed, when the job ends"},
+                  **VideoOutput.model_json_schema()["properties"]}  # a video's encoder settings
     job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
     job = {"description": "The job", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Job"}}}}
     keyed = [{"bearer": []}]
@@ -90,7 +94,8 @@ def openapi() -> dict:
                                   "content": {"application/json": {"schema": {"type": "string"}}}},
                           **_errors(*_BODY, 504, *_KEYED)}}},
         "/v1/jobs": {
-            "post": {"summary": "Queue a job: an upload or an image_url", "operationId": "submitJob",
+            "post": {"summary": "Queue a job: a picture or a video, uploaded or by image_url",
+                     "operationId": "submitJob",
                      "security": keyed,
                      "parameters": [*_query(properties), *_query(job_fields),
                                     {"name": "Idempotency-Key", "in": "header", "required": False,

@@ -3,6 +3,7 @@ from openapi_spec_validator import validate
 
 from serve_app.api import RestoreOptions
 from serve_app.openapi import openapi
+from serve_app.video.pipeline import VideoOutput
 
 
 def test_the_document_is_valid_openapi():
@@ -21,7 +22,8 @@ def test_each_option_is_documented_as_the_code_checks_it():
         body = restore["requestBody"]["content"][media]["schema"]["properties"]
         assert set(body) == {"image", *RestoreOptions.model_fields}, media
     submit = {p["name"] for p in document["paths"]["/v1/jobs"]["post"]["parameters"]}
-    assert submit == {*RestoreOptions.model_fields, "image_url", "webhook", "Idempotency-Key"}
+    assert submit == {*RestoreOptions.model_fields, *VideoOutput.model_fields, "image_url", "webhook",
+                      "Idempotency-Key"}
 
 
 def test_each_keyed_route_documents_the_key_errors_and_health_needs_no_key():

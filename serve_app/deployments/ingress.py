@@ -40,6 +40,7 @@ from serve_app.errors import (
 from serve_app.imageio import CONTENT_TYPES, encode, probe
 from serve_app.metrics import count_request
 from serve_app.openapi import openapi
+from serve_app.video.probe import looks_like_video
 from serve_app.weights import MODELS, WeightsStore
 
 log = logging.getLogger("ray.serve")
@@ -150,7 +151,8 @@ class Ingress:
     async def _charge_pixels(self, request: Request, data: bytes | None) -> None:
         """Take an upload's pixels from its caller's pixel bucket, from the header alone."""
         caller = request.state.caller
-        if data and caller.rate_limit.pixels_per_s:
+        # a video job is bounded by the video limits instead (docs/security.md)
+        if data and caller.rate_limit.pixels_per_s and not looks_like_video(data):
             limits = self.runtime.limits
             pixels = probe(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels).pixels
             await self.limiter.take(caller.name, caller.rate_limit, pixels=pixels)

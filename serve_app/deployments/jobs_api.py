@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from ray.serve.task_consumer import instantiate_adapter_from_config
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 
 from serve_app.api import RestoreOptions, parse_options
 from serve_app.config import AppArgs, LimitsConfig
@@ -23,6 +23,8 @@ from serve_app.imageio import CONTENT_TYPES, probe
 from serve_app.jobs.records import STATUSES, new_id
 from serve_app.jobs.system import TASK, JobSystem, task_processor_config
 from serve_app.metrics import count_job
+from serve_app.video.options import VIDEO_FORMATS, split_video_options
+from serve_app.video.probe import check_output, looks_like_video, probe_video
 
 
 class JobsApi:
@@ -43,6 +45,7 @@ class JobsApi:
         idempotency keys are its own."""
         values = dict(values)
         image_url, webhook = values.pop("image_url", None), values.pop("webhook", None)
+        values, video = split_video_options(values)  # for a video, found at submit or once fetched
         options = parse_options(values)
         self.check_models(options)
         if (data is None) == (image_url is None):
@@ -52,7 +55,11 @@ class JobsApi:
             if not isinstance(url, str):
                 raise InvalidOption("image_url and webhook must be URL strings")
             await asyncio.to_thread(system.urls.check, url)
-        if data is not None:
+        if data is not None and looks_like_video(data):
+            header = await asyncio.to_thread(probe_video, data, limits)
+            fitted = options.fitted(header.width, header.height, limits.max_output_pixels)
+            check_output(header, fitted.output_size(header.width, header.height), limits)
+        elif data is not None:
             header = probe(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
             options.fitted(*header.upright_size, limits.max_output_pixels)  # refused now, not when run
         job_id = new_id()
@@ -60,7 +67,7 @@ class JobsApi:
         if input_key:
             await asyncio.to_thread(system.objects.put, input_key, data, "application/octet-stream")
         job, created = await asyncio.to_thread(
-            system.records.create, job_id=job_id, options=_stored(options), input_key=input_key,
+            system.records.create, job_id=job_id, options={**_stored(options), **video}, input_key=input_key,
             image_url=image_url, webhook=webhook, owner=owner,
             idempotency_key=None if idempotency_key is None else f"{owner or ''}:{idempotency_key}")
         if not created:
@@ -110,6 +117,8 @@ class JobsApi:
         url = await asyncio.to_thread(self.system.objects.url, key, 3600)
         if url is not None:
             return None, url, fmt
+        if fmt in VIDEO_FORMATS:  # a video is sent from its file as it is read, never whole in memory
+            return None, None, fmt
         return await asyncio.to_thread(self.system.objects.get, key), None, fmt
 
     async def _job(self, job_id: str, owner: str | None):
@@ -148,6 +157,10 @@ class JobsApi:
         data, url, fmt = await self.result(parts[0], visible)
         if url is not None:
             return RedirectResponse(url, 307)
+        if data is None:
+            job = await self._job(parts[0], visible)
+            return FileResponse(self.system.objects.file(job.output["key"]), media_type=CONTENT_TYPES[fmt],
+                                filename=f"{job.id}.{fmt}")
         return Response(data, media_type=CONTENT_TYPES[fmt])
 
 

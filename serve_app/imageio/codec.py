@@ -20,7 +20,9 @@ from serve_app.imageio.probe import ImageHeader, probe
 
 Mode = Literal["L", "BGR", "BGRA"]
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}  # of each output format
+# of each output format (a video job's too)
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp",
+                 "mp4": "video/mp4", "mkv": "video/x-matroska"}
 _MODES = {2: "L", 3: "BGR", 4: "BGRA"}
 
 

@@ -14,8 +14,11 @@ A delivery is processed at least once; its record changes exactly once (``JobRec
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 import time
+from dataclasses import asdict
+from pathlib import Path
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -25,12 +28,16 @@ from serve_app.api import RestoreOptions
 from serve_app.config import AppArgs, RuntimeConfig
 from serve_app.deployments.failures import typed_error
 from serve_app.errors import (
-    CorruptImage, NotAnImage, Overloaded, ReplicaLost, RequestTimeout, RestoreError, WeightsUnavailable,
+    CorruptImage, NotAnImage, Overloaded, ReplicaLost, RequestTimeout, RestoreError, TooManyBytes,
+    WeightsUnavailable,
 )
 from serve_app.imageio import CONTENT_TYPES, probe
 from serve_app.jobs.system import CONSUMER, TASK, JobSystem, task_processor_config, webhook_secret
 from serve_app.jobs.webhooks import Webhooks
 from serve_app.metrics import count_job
+from serve_app.video.options import split_video_options
+from serve_app.video.pipeline import Progress, VideoOutput, restore_video
+from serve_app.video.probe import check_output, looks_like_video, probe_video
 
 log = logging.getLogger("ray.serve")
 PASSING = (Overloaded, ReplicaLost, RequestTimeout, WeightsUnavailable)  # may succeed if tried again
@@ -60,7 +67,7 @@ class JobConsumer:
         job = records.get(job_id)
         log.info("job %s attempt %d started", job_id, attempt)
         try:
-            key, output = self._run(job)
+            key, output = self._run(job, attempt)
         except Canceled:
             log.info("job %s cancelled while it ran", job_id)
             count_job("canceled")
@@ -85,18 +92,40 @@ class JobConsumer:
         self._notify(job_id, "succeeded")
         return "succeeded"
 
-    def _run(self, job) -> tuple[str, dict]:
+    def _run(self, job, attempt: int) -> tuple[str, dict]:
+        with tempfile.TemporaryDirectory(prefix=f"{job.id}-") as work:
+            source = Path(work) / "input"
+            self._fetch(job, source)
+            with source.open("rb") as f:
+                is_video = looks_like_video(f.read(16))
+            values, video = split_video_options(job.options)
+            options = RestoreOptions.model_validate(values)
+            if is_video:
+                return self._run_video(job, attempt, source, Path(work), options, VideoOutput(**video))
+            if source.stat().st_size > self.runtime.limits.max_bytes:
+                raise TooManyBytes(f"the image is {source.stat().st_size} bytes; the limit is "
+                                   f"{self.runtime.limits.max_bytes}")
+            return self._run_image(job, source.read_bytes(), options)
+
+    def _fetch(self, job, target: Path) -> None:
+        """The job's input into ``target``: a picture up to ``max_bytes``, a video up to ``max_video_bytes``."""
         limits = self.runtime.limits
         if job.input_key is not None:
-            data = self.jobs.objects.get(job.input_key)
-        else:
-            def check_head(head: bytes) -> None:  # a pixel bomb or an SVG stops the download
-                try:
-                    probe(head, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
-                except (CorruptImage, NotAnImage):
-                    pass  # a header longer than what came so far: the whole decode decides
-            data = self.jobs.urls.fetch(job.image_url, max_bytes=limits.max_bytes, check_head=check_head)
-        options = RestoreOptions.model_validate(job.options)
+            self.jobs.objects.get_file(job.input_key, target)
+            return
+
+        def check_head(head: bytes) -> None:  # a pixel bomb or an SVG stops the download
+            if looks_like_video(head):
+                return  # its header is read whole once it is here
+            try:
+                probe(head, max_bytes=len(head), max_pixels=limits.max_pixels)
+            except (CorruptImage, NotAnImage):
+                pass  # a header longer than what came so far: the whole decode decides
+        with target.open("wb") as f:
+            self.jobs.urls.fetch_to(job.image_url, f, max_bytes=max(limits.max_bytes, limits.max_video_bytes),
+                                    check_head=check_head)
+
+    def _run_image(self, job, data: bytes, options: RestoreOptions) -> tuple[str, dict]:
         # A graph at capacity makes a job wait, not fail: it is tried again after the Retry-After
         # the graph gave, for up to half the visibility timeout (past that Redis would hand the
         # job to another consumer), before the attempt counts as failed.
@@ -117,6 +146,32 @@ class JobConsumer:
         self.jobs.objects.put(key, encoded.data, CONTENT_TYPES[encoded.format])
         return key, {"key": key, "format": encoded.format, "bytes": len(encoded.data),
                      "width": encoded.width, "height": encoded.height, "faces": encoded.faces}
+
+    def _run_video(self, job, attempt: int, source: Path, work: Path, options: RestoreOptions,
+                   output: VideoOutput) -> tuple[str, dict]:
+        """A video, frame by frame through the CPU deployment: its tiles join the GPU's batches
+        beside pictures. Progress goes into the job's record; a cancel is seen there too."""
+        limits = self.runtime.limits
+        header = probe_video(source, limits)
+        options = options.fitted(header.width, header.height, limits.max_output_pixels)
+        size = options.output_size(header.width, header.height)
+        check_output(header, size, limits)
+        fmt = "mp4" if header.container == "mp4" else "mkv"
+        target = work / f"result.{fmt}"
+
+        def report(progress: Progress) -> None:
+            if not self.jobs.records.report(job.id, attempt, asdict(progress)):
+                raise Canceled()  # cancelled, or the job was handed to another consumer
+            log.info("job %s: %d of %d frames, %.1f frames/s", job.id, progress.frames_done,
+                     progress.frames_total, progress.fps)
+
+        result = restore_video(source, target, header, size, lambda frame: _Frame(self, job.id, frame, options),
+                               output=output, window=self.args.jobs.video_frames_in_flight, on_progress=report)
+        key = f"results/{job.id}.{fmt}"
+        self.jobs.objects.put_file(key, target, CONTENT_TYPES[fmt])
+        return key, {"key": key, "format": fmt, "bytes": target.stat().st_size, "width": result.width,
+                     "height": result.height, "frames": result.frames, "fps": float(result.rate),
+                     "duration_s": round(result.duration_s, 3)}
 
     def _restore(self, job_id: str, data: bytes, options: RestoreOptions):
         deadline = time.time() + self.runtime.request_timeout_s
@@ -152,6 +207,32 @@ class JobConsumer:
                     log.info("removed %d jobs past their retention", swept)
             except Exception:  # noqa: BLE001  the next sweep tries again
                 log.exception("job sweep failed")
+
+
+class _Frame:
+    """One frame in the CPU deployment; ``result`` waits out overload as a picture job does."""
+
+    def __init__(self, consumer: JobConsumer, job_id: str, frame, options: RestoreOptions):
+        self.consumer, self.job_id, self.frame, self.options = consumer, job_id, frame, options
+        self.response = self._submit()
+
+    def _submit(self):
+        deadline = time.time() + self.consumer.runtime.request_timeout_s
+        return self.consumer.preprocess.restore_array.remote(self.frame, self.options, deadline)
+
+    def cancel(self) -> None:
+        self.response.cancel()
+
+    def result(self):
+        while True:
+            try:
+                return self.response.result().pixels
+            except Exception as exc:  # noqa: BLE001  anything but overload goes up
+                error = typed_error(exc)
+                if not isinstance(error, Overloaded):
+                    raise error from None
+                self.consumer._pause(self.job_id, error.retry_after_s)
+                self.response = self._submit()
 
 
 def consumer_deployment(args: AppArgs):

@@ -3,6 +3,7 @@ server) when configured. One small interface, so the consumers and the ingress n
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Protocol
@@ -13,6 +14,12 @@ class ObjectStore(Protocol):
 
     def get(self, key: str) -> bytes:
         """The object's bytes; KeyError when there is none."""
+
+    def put_file(self, key: str, path: Path, content_type: str) -> None:
+        """A large object (a video) from a file, never whole in memory."""
+
+    def get_file(self, key: str, path: Path) -> None:
+        """The object into the file at ``path``; KeyError when there is none."""
 
     def url(self, key: str, expires_s: int) -> str | None:
         """A URL a client can fetch the object from for ``expires_s``, or None (served by us)."""
@@ -47,8 +54,25 @@ class FolderStore:
         except FileNotFoundError:
             raise KeyError(key) from None
 
+    def put_file(self, key: str, path: Path, content_type: str) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        aside = target.with_name(f".put-{target.name}")
+        shutil.copyfile(path, aside)
+        os.replace(aside, target)
+
+    def get_file(self, key: str, path: Path) -> None:
+        try:
+            shutil.copyfile(self._path(key), path)
+        except FileNotFoundError:
+            raise KeyError(key) from None
+
     def url(self, key: str, expires_s: int) -> str | None:
         return None
+
+    def file(self, key: str) -> Path:
+        """Where the object lies, for sending it as it is read (a video result)."""
+        return self._path(key)
 
     def delete(self, keys: list[str]) -> None:
         for key in keys:
@@ -76,6 +100,20 @@ class S3Store:
             return self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)["Body"].read()
         except self.client.exceptions.NoSuchKey:
             raise KeyError(key) from None
+
+    def put_file(self, key: str, path: Path, content_type: str) -> None:
+        # boto3's transfer manager: multipart above 8 MB, parts read from the file as they go
+        self.client.upload_file(str(path), self.bucket, self.prefix + key, ExtraArgs={"ContentType": content_type})
+
+    def get_file(self, key: str, path: Path) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.download_file(self.bucket, self.prefix + key, str(path))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                raise KeyError(key) from None
+            raise
 
     def url(self, key: str, expires_s: int) -> str | None:
         return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": self.prefix + key},

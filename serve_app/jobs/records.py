@@ -47,6 +47,7 @@ class _Job(_Base):
     output: Mapped[dict | None] = mapped_column(JSON)  # key, format, bytes, width, height, faces
     error: Mapped[dict | None] = mapped_column(JSON)  # code, detail: the synchronous path's
     owner: Mapped[str | None] = mapped_column(String(64), index=True)  # the API key's name that submitted it
+    progress: Mapped[dict | None] = mapped_column(JSON)  # a video's frames done, total, fps, time left
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class JobRecord:
     output: dict | None
     error: dict | None
     owner: str | None
+    progress: dict | None
 
     @property
     def final(self) -> bool:
@@ -116,17 +118,19 @@ class JobRecords:
             _Base.metadata.create_all(self.engine)
         except DBAPIError:  # every replica creates the table at start: another one won the race
             _Base.metadata.create_all(self.engine)
-        self._add_owner_column()
+        self._add_columns({"owner": "VARCHAR(64)", "progress": "JSON"})
 
-    def _add_owner_column(self) -> None:
-        """A table made before jobs had owners gets the column (empty: jobs only admins see)."""
-        if "owner" in {column["name"] for column in inspect(self.engine).get_columns("jobs")}:
-            return
-        try:
-            with self.engine.begin() as connection:
-                connection.execute(text("ALTER TABLE jobs ADD COLUMN owner VARCHAR(64)"))
-        except DBAPIError:  # another replica added it meanwhile
-            pass
+    def _add_columns(self, columns: dict[str, str]) -> None:
+        """A table made before a column existed gets it, empty (an owner-less job only admins see)."""
+        have = {column["name"] for column in inspect(self.engine).get_columns("jobs")}
+        for name, kind in columns.items():
+            if name in have:
+                continue
+            try:
+                with self.engine.begin() as connection:
+                    connection.execute(text(f"ALTER TABLE jobs ADD COLUMN {name} {kind}"))
+            except DBAPIError:  # another replica added it meanwhile
+                pass
 
     def close(self) -> None:
         self.engine.dispose()
@@ -199,6 +203,10 @@ class JobRecords:
         """Record the result of ``attempt``; False: that attempt is no longer the job's."""
         return self._change(job_id, (_Job.status == "processing") & (_Job.attempt == attempt),
                             status="succeeded", completed_at=now(), output=output)
+
+    def report(self, job_id: str, attempt: int, progress: dict) -> bool:
+        """Record how far ``attempt`` got; False: the job was cancelled or is no longer this attempt's."""
+        return self._change(job_id, (_Job.status == "processing") & (_Job.attempt == attempt), progress=progress)
 
     def fail(self, job_id: str, attempt: int | None, code: str, detail: str) -> bool:
         """Record a failure of ``attempt`` (None: the job failed before it ever started, e.g.

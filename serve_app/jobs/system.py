@@ -80,10 +80,10 @@ class JobSystem:
                 "started_at": _iso(job.started_at), "completed_at": _iso(job.completed_at),
                 "updated_at": _iso(job.updated_at), "expires_at": _iso(job.expires_at),
                 "options": job.options, "image_url": job.image_url, "webhook": job.webhook,
-                "metrics": _metrics(job), "output": None, "error": job.error,
+                "metrics": _metrics(job), "progress": job.progress, "output": None, "error": job.error,
                 "urls": {"get": link, "cancel": f"{link}/cancel", "result": f"{link}/result"}}
         if job.output is not None:
-            view["output"] = {k: job.output[k] for k in ("format", "bytes", "width", "height", "faces")}
+            view["output"] = {k: v for k, v in job.output.items() if k != "key"}  # the storage key stays inside
             view["output"]["url"] = f"{link}/result"
         return view
 

@@ -15,10 +15,11 @@ httpx does the HTTP; this module only decides where it may go.
 """
 from __future__ import annotations
 
+import io
 import ipaddress
 import socket
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
@@ -146,6 +147,13 @@ class UrlPolicy:
         on any failure to get a 2xx answer. ``check_head`` sees the first 64 KiB (or the whole
         body when shorter) and may refuse it, ending the download there (an image header's
         pixel count, say)."""
+        body = io.BytesIO()
+        self.fetch_to(url, body, max_bytes=max_bytes, check_head=check_head)
+        return body.getvalue()
+
+    def fetch_to(self, url: str, target: BinaryIO, *, max_bytes: int,
+                 check_head: Callable[[bytes], None] | None = None) -> int:
+        """``fetch`` into a file, for bodies too large to hold (videos); the bytes written."""
         with self._client() as client:
             response = self._follow(client, "GET", url)
             try:
@@ -154,7 +162,7 @@ class UrlPolicy:
                 declared = response.headers.get("content-length")
                 if declared and declared.isdigit() and int(declared) > max_bytes:
                     raise UrlTooLarge(f"{url} holds {declared} bytes; the limit is {max_bytes}")
-                return b"".join(self._limited(response, url, max_bytes, check_head))
+                return sum(target.write(chunk) for chunk in self._limited(response, url, max_bytes, check_head))
             finally:
                 response.close()
 
