@@ -1,13 +1,14 @@
 """The benchmark, in one command, on any CUDA machine (or a small smoke run on the CPU):
 
-    python -m bench.run [--out bench/results/NAME.json] [--seconds 8] [--open-seconds 60] [--sections served jobs]
+    python -m bench.run [--out bench/results/NAME.json] [--seconds 8] [--open-seconds 60] [--sections served jobs video]
     python -m bench.run --merge A.json B.json --out NAME.json   # sections run one after the other
 
 In one run, on one device: the reference paths (RealESRGANer, GFPGANer) one image at a time;
 our engines' device stage at a fixed tile shape (eager and compiled, TFLOP/s against a matmul
 peak measured here, PSNR against fp32 eager); how the calling style of a Serve replica changes
-the same forward's GPU time; the whole served graph over HTTP; and jobs through the same graph
-against it (``bench.jobs``). Prints the JSON report (also
+the same forward's GPU time; the whole served graph over HTTP; jobs through the same graph
+against it (``bench.jobs``); and videos as jobs against the official video script's loop
+(``bench.video``). Prints the JSON report (also
 written to --out) and, on stderr, the table the README shows.
 
 Weights are real wherever the store has them (the cache, or ncnn conversions), random elsewhere;
@@ -29,13 +30,13 @@ import ray
 import torch
 
 import serve_app
-from bench import call_styles, engines, jobs, served
+from bench import call_styles, engines, jobs, served, video
 from bench.common import weights_in_use
 from serve_app.config import WeightsConfig
 from serve_app.weights import WeightsStore
 
 UPSCALER, FACE_MODEL = "RealESRGAN_x4plus", "GFPGANv1.4"
-SECTIONS = ("engines", "call_styles", "served", "jobs")
+SECTIONS = ("engines", "call_styles", "served", "jobs", "video")
 
 
 def settings(cuda: bool, seconds: float | None, open_seconds: float | None = None) -> dict:
@@ -73,7 +74,8 @@ def main() -> None:
     s = settings(cuda, args.seconds, args.open_seconds)
     s["levels"] = args.levels or s["levels"]
     folder = Path(tempfile.mkdtemp())
-    used = weights_in_use(folder, args.cache_dir, [UPSCALER, FACE_MODEL, "retinaface_resnet50", "parsenet"])
+    used = weights_in_use(folder, args.cache_dir, [UPSCALER, FACE_MODEL, "retinaface_resnet50", "parsenet",
+                                                   "realesr-animevideov3"])
     store = WeightsStore(WeightsConfig(folder=folder, cache_dir=args.cache_dir, download=False))
     started = time.perf_counter()
     report = {
@@ -91,7 +93,7 @@ def main() -> None:
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-    if {"call_styles", "served", "jobs"} & set(args.sections):
+    if {"call_styles", "served", "jobs", "video"} & set(args.sections):
         served.start_ray()
         if "call_styles" in args.sections:
             report["call_styles"] = call_styles.run(s["tile"], 4 if cuda else 1, s["repeats"])
@@ -105,6 +107,9 @@ def main() -> None:
                      upscale_size=s["sizes"]["upscale"], compile_mode=s["compile"], count=s["jobs"],
                      seconds=s["seconds"], rate=s["light_rate"], open_seconds=s["open_seconds"] / 3,
                      save=lambda: _save(report, args.out))
+        if "video" in args.sections:
+            video.run(report.setdefault("video", {}), store, folder, args.cache_dir, tile=s["tile"],
+                      batch=s["batch"], compile_mode=s["compile"], save=lambda: _save(report, args.out))
         ray.shutdown()
     report["wall_s"] = time.perf_counter() - started
     _save(report, args.out)
@@ -151,6 +156,8 @@ def table(report: dict) -> str:
         rows += _served_rows(srv)
     if report.get("jobs"):
         rows += jobs.rows(report["jobs"])
+    if report.get("video"):
+        rows += video.rows(report["video"])
     if styles:
         rows.append(f"| same forward, Serve sync vs async method (GPU ms) | {styles['serve_sync_ms']:.1f} | "
                     f"{styles['serve_async_ms']:.1f} | {styles['sync_over_async']:.2f}x |")

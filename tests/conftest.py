@@ -13,6 +13,7 @@ import pytest
 import torch
 from skimage import data
 
+from bench.clips import encode_source, make_clip as make_video  # noqa: F401  (the tests' clips)
 import serve_app  # noqa: F401  (installs the torchvision shim before any basicsr import)
 from serve_app.api import Restored, RestoreOptions
 from serve_app.config import WeightsConfig
@@ -103,42 +104,6 @@ def photo_with_profile_and_gps(small_photo, orientation=1) -> tuple[bytes, bytes
     Image.fromarray(cv2.cvtColor(small_photo, cv2.COLOR_BGR2RGB)).save(
         buf, "JPEG", quality=95, exif=exif, icc_profile=icc)
     return buf.getvalue(), icc
-
-
-def make_video(path: Path, *, size=(48, 32), rate=12, seconds=1.0, audio=True, subtitles=False,
-               container: str | None = None) -> Path:
-    """A short video from FFmpeg's test sources: testsrc2 frames in H.264, a 440 Hz sine in AAC,
-    and optionally a SubRip track."""
-    width, height = size
-    with av.open(str(path), "w", format=container) as out:
-        video = out.add_stream("libx264", rate=rate)
-        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        tone = out.add_stream("aac", rate=44100) if audio else None
-        srt = None
-        if subtitles:  # SubRip read from a file, its packets copied as the service copies them
-            (path.parent / "lines.srt").write_text("1\n00:00:00,000 --> 00:00:00,800\nFirst line\n\n"
-                                                    "2\n00:00:01,000 --> 00:00:01,800\nSecond line\n")
-            srt = av.open(str(path.parent / "lines.srt"))
-            text = out.add_stream_from_template(srt.streams[0])
-        encode_source(out, video, f"testsrc2=size={width}x{height}:rate={rate}:duration={seconds}", "video")
-        if tone is not None:
-            encode_source(out, tone, f"sine=frequency=440:duration={seconds}", "audio")
-        if srt is not None:
-            for packet in srt.demux():
-                if packet.size:
-                    packet.stream = text
-                    out.mux(packet)
-            srt.close()
-    return path
-
-
-def encode_source(out, stream, source: str, kind: str) -> None:
-    """A lavfi test source's frames encoded into ``stream`` of ``out``."""
-    with av.open(source, format="lavfi") as src:
-        for frame in src.decode(**{kind: 0}):
-            frame.pts = None
-            out.mux(stream.encode(frame))
-    out.mux(stream.encode(None))
 
 
 def packets_of(path: Path, kind: str) -> list[bytes]:
