@@ -165,6 +165,16 @@ def test_the_byte_limit_holds_before_and_while_the_body_streams(server):
     assert time.monotonic() - started < 5
 
 
+def test_what_the_head_shows_lowers_the_limit_for_the_rest(server):
+    # A consumer allows a video's size until the head shows a picture, then a picture's.
+    started = time.monotonic()
+    with pytest.raises(UrlTooLarge, match="more than 100000 bytes"):
+        UrlPolicy(LOCAL).fetch(f"{_base(server)}/endless", max_bytes=1_000_000_000,
+                               check_head=lambda head: 100_000)
+    assert time.monotonic() - started < 5
+    assert UrlPolicy(LOCAL).fetch(f"{_base(server)}/redirect", max_bytes=10_000, check_head=lambda head: None) == PNG
+
+
 def test_an_image_header_past_the_pixel_limit_ends_the_download(server):
     def check_head(head: bytes) -> None:
         probe(head, max_bytes=50_000_000, max_pixels=16_000_000)

@@ -71,7 +71,7 @@ class PreprocessDeployment:
                 header = probe(data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
                 options = options.fitted(*header.upright_size, limits.max_output_pixels)
                 decoded = await self.workers.cpu(decode, data, max_bytes=limits.max_bytes,
-                                                 max_pixels=limits.max_pixels)
+                                                 max_pixels=limits.max_pixels, header=header)
             result = await self._restore(decoded.pixels, options, timings, deadline)
             fmt = options.format or default_output_format(header.format)
             metadata = Metadata.carried(header.icc, header.exif) if options.keep_metadata else None

@@ -44,9 +44,10 @@ def mode_of(pixels: np.ndarray) -> Mode:
     return "L" if pixels.ndim == 2 else _MODES[pixels.shape[2]]
 
 
-def decode(data: bytes, *, max_bytes: int, max_pixels: int) -> DecodedImage:
-    """Bytes to an upright array; every limit is checked from the header first."""
-    header = probe(data, max_bytes=max_bytes, max_pixels=max_pixels)
+def decode(data: bytes, *, max_bytes: int, max_pixels: int, header: ImageHeader | None = None) -> DecodedImage:
+    """Bytes to an upright array; every limit is checked from the header first (``header``: the
+    caller's ``probe`` of the same bytes with the same limits, not read again)."""
+    header = header or probe(data, max_bytes=max_bytes, max_pixels=max_pixels)
     if header.format == "jpeg" and not jpeg_is_complete(data):
         raise CorruptImage("the JPEG data ends before its end-of-image marker (truncated file?)")
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)

@@ -114,13 +114,14 @@ class JobConsumer:
             self.jobs.objects.get_file(job.input_key, target)
             return
 
-        def check_head(head: bytes) -> None:  # a pixel bomb or an SVG stops the download
+        def check_head(head: bytes) -> int | None:  # a pixel bomb or an SVG stops the download
             if looks_like_video(head):
-                return  # its header is read whole once it is here
+                return None  # its header is read whole once it is here
             try:
                 probe(head, max_bytes=len(head), max_pixels=limits.max_pixels)
             except (CorruptImage, NotAnImage):
                 pass  # a header longer than what came so far: the whole decode decides
+            return limits.max_bytes  # a picture stops at the picture limit, not the video one
         with target.open("wb") as f:
             self.jobs.urls.fetch_to(job.image_url, f, max_bytes=max(limits.max_bytes, limits.max_video_bytes),
                                     check_head=check_head)

@@ -142,17 +142,17 @@ class UrlPolicy:
                 method, kwargs = "GET", {}
         raise UrlRefused(f"more than {self.config.max_redirects} redirects")
 
-    def fetch(self, url: str, *, max_bytes: int, check_head: Callable[[bytes], None] | None = None) -> bytes:
+    def fetch(self, url: str, *, max_bytes: int, check_head: Callable[[bytes], int | None] | None = None) -> bytes:
         """The body at ``url``: UrlTooLarge past ``max_bytes`` (read no further), UrlUnreachable
         on any failure to get a 2xx answer. ``check_head`` sees the first 64 KiB (or the whole
         body when shorter) and may refuse it, ending the download there (an image header's
-        pixel count, say)."""
+        pixel count, say), or return a lower byte limit for the rest."""
         body = io.BytesIO()
         self.fetch_to(url, body, max_bytes=max_bytes, check_head=check_head)
         return body.getvalue()
 
     def fetch_to(self, url: str, target: BinaryIO, *, max_bytes: int,
-                 check_head: Callable[[bytes], None] | None = None) -> int:
+                 check_head: Callable[[bytes], int | None] | None = None) -> int:
         """``fetch`` into a file, for bodies too large to hold (videos); the bytes written."""
         with self._client() as client:
             response = self._follow(client, "GET", url)
@@ -167,24 +167,26 @@ class UrlPolicy:
                 response.close()
 
     def _limited(self, response: httpx.Response, url: str, max_bytes: int,
-                 check_head: Callable[[bytes], None] | None) -> Iterator[bytes]:
+                 check_head: Callable[[bytes], int | None] | None) -> Iterator[bytes]:
         total, head = 0, b""
         try:
             for chunk in response.iter_bytes():
                 total += len(chunk)
-                if total > max_bytes:
-                    raise UrlTooLarge(f"{url} sent more than {max_bytes} bytes, the limit")
                 if check_head is not None and len(head) < 65536:
                     head += chunk
-                    if len(head) >= 65536:
-                        check_head(head)
+                    if len(head) >= 65536:  # what the head shows may lower the limit (a picture's)
+                        max_bytes = min(max_bytes, check_head(head) or max_bytes)
+                if total > max_bytes:
+                    raise UrlTooLarge(f"{url} sent more than {max_bytes} bytes, the limit")
                 yield chunk
         except httpx.TimeoutException:
             raise UrlUnreachable(f"{url} stopped sending (read timeout)") from None
         except httpx.HTTPError as exc:
             raise UrlUnreachable(f"{url} broke off: {exc}") from None
-        if check_head is not None and len(head) < 65536:
-            check_head(head)
+        if check_head is not None and len(head) < 65536:  # a short body: its head is all of it
+            limit = min(max_bytes, check_head(head) or max_bytes)
+            if total > limit:
+                raise UrlTooLarge(f"{url} sent more than {limit} bytes, the limit")
 
     def post(self, url: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
         """POST ``body`` (a webhook), redirects followed as checked; the answer, read."""
