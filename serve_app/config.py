@@ -87,8 +87,12 @@ class JobsConfig(_Strict):
     webhook_secret: str | None = Field(default=None, description="HMAC key webhooks are signed with; "
                                        "default a random one kept in data_dir.")
     webhook_give_up_s: float = Field(default=600, gt=0, description="How long a webhook is retried.")
-    video_frames_in_flight: int = Field(default=16, gt=0, le=256, description="A video job's frames in the "
-                                        "graph at once: enough to fill the GPU's batches, bounded memory.")
+    video_frames_in_flight: int = Field(default=16, gt=0, le=256, description="A video segment's frames in "
+                                        "the graph at once: enough to fill the GPU's batches, bounded memory.")
+    video_segment_s: float = Field(default=10.0, gt=0, description="A video is cut at the first clean keyframe "
+                                   "this long after the last cut; each segment runs on a CPU replica.")
+    video_segments_in_flight: int = Field(default=4, gt=0, le=64, description="A video job's segments "
+                                          "restored at once, each decoded and encoded by its own replica.")
     urls: UrlConfig = UrlConfig()
 
     def resolved_data_dir(self) -> Path:

@@ -170,7 +170,8 @@ def deployed(weights_dir, tmp_path_factory):
     ray.init(address=cluster.address)
     broker = LocalBroker(tmp / "jobs" / "broker")  # what restore-serve starts on one machine
     jobs = {"broker_url": broker.start(), "data_dir": str(tmp / "jobs"), "visibility_timeout_s": 15,
-            "urls": {"allow": ["127.0.0.0/8"]}}  # the tests' image server and webhook receiver
+            "urls": {"allow": ["127.0.0.0/8"]},  # the tests' image server and webhook receiver
+            "video_segment_s": 0.3}  # the tests' one-second videos in several segments
     weights = tmp / "weights"  # this module's own folder: a test adds a file to it
     weights.mkdir()
     for file in weights_dir.iterdir():
@@ -522,28 +523,31 @@ def test_bad_jobs_are_refused_at_submit_or_fail_at_once_with_the_synchronous_cod
 
 
 def test_a_video_job_streams_its_frames_through_the_graph_with_progress(deployed, client, files, tmp_path):
-    source = make_video(tmp_path / "clip.mp4", size=(48, 32), rate=12, seconds=1.0)
+    source = make_video(tmp_path / "clip.mp4", size=(48, 32), rate=12, seconds=1.0, keyframe_every=4)
     params = {"model": "realesr-animevideov3", "scale": 2, "crf": 0, "preset": "ultrafast"}
     job = client.post("/v1/jobs", params=params, content=source.read_bytes(),
                       headers={"content-type": "video/mp4"}).json()
     assert job["options"]["crf"] == 0 and job["progress"] is None
     done = _job_until(client, job["id"], _ended)
     assert done["status"] == "succeeded", done
-    assert {k: done["output"][k] for k in ("format", "width", "height", "frames", "fps", "duration_s")} == {
-        "format": "mp4", "width": 96, "height": 64, "frames": 12, "fps": 12.0, "duration_s": 1.0}
+    assert {k: done["output"][k] for k in ("format", "width", "height", "frames", "fps", "duration_s", "segments")} == {
+        "format": "mp4", "width": 96, "height": 64, "frames": 12, "fps": 12.0, "duration_s": 1.0, "segments": 3}
     assert done["progress"]["frames_done"] == done["progress"]["frames_total"] == 12
     result = client.get(f"/v1/jobs/{job['id']}/result")
     assert result.headers["content-type"] == "video/mp4"
     (tmp_path / "restored.mp4").write_bytes(result.content)
     assert packets_of(tmp_path / "restored.mp4", "audio") == packets_of(source, "audio")
-    # each frame as the synchronous path restores the same frame (x264 at crf 0: rounding only)
+    # each frame, the first of each segment too, as the synchronous path restores the same frame
+    # (x264 at crf 0: rounding only), shown when the input showed it
     with av.open(str(source)) as c:
-        first = next(c.decode(video=0)).to_ndarray(format="bgr24")
+        frames = [(f.to_ndarray(format="bgr24"), float(f.pts * f.time_base)) for f in c.decode(video=0)]
     with av.open(str(tmp_path / "restored.mp4")) as c:
-        restored = next(c.decode(video=0)).to_ndarray(format="bgr24")
-    still = _image(client.post("/v1/restore", params={"model": "realesr-animevideov3", "scale": 2},
-                               content=_png(first)))
-    assert np.abs(restored.astype(int) - still.astype(int)).mean() < 3
+        restored = [(f.to_ndarray(format="bgr24"), float(f.pts * f.time_base)) for f in c.decode(video=0)]
+    for i in (0, 4, 8, 11):
+        still = _image(client.post("/v1/restore", params={"model": "realesr-animevideov3", "scale": 2},
+                                   content=_png(frames[i][0])))
+        assert np.abs(restored[i][0].astype(int) - still.astype(int)).mean() < 3
+        assert restored[i][1] == pytest.approx(frames[i][1], abs=1e-3)
     # by URL, with the image options' limits checked once the header is fetched
     files.files["/clip.mkv"] = make_video(tmp_path / "clip.mkv", container="matroska").read_bytes()
     by_url = client.post("/v1/jobs", json={"image_url": f"{files.url}/clip.mkv", "model": "realesr-animevideov3",

@@ -13,7 +13,7 @@ from conftest import encode_source, make_video, packets_of, restore_with
 from serve_app.config import EngineConfig, LimitsConfig, TileConfig
 from serve_app.engines.local import LocalNetworks
 from serve_app.errors import CorruptVideo, NoVideoStream, TooManyPixels, UnsupportedFormat, VideoTooLong
-from serve_app.video.pipeline import VideoOutput, restore_video
+from serve_app.video.pipeline import VideoOutput, cut, encode_segment, restore_video
 from serve_app.video.probe import check_output, probe_video
 
 pytestmark = pytest.mark.engine
@@ -31,7 +31,7 @@ def networks(store):
 
 
 def _submitter(networks, options, seen: list):
-    """Frames through the service's orchestration of a request, a few at once, as the consumer sends them."""
+    """Frames through the service's orchestration of a request, a few at once, as a CPU replica runs them."""
     pool = ThreadPoolExecutor(4)
 
     def submit(frame):
@@ -40,31 +40,77 @@ def _submitter(networks, options, seen: list):
     return submit
 
 
+def _segments(networks, options: dict, size, seen: list, output: VideoOutput, window: int = 5):
+    """Each segment encoded in this process, as a CPU replica does it."""
+    submit = _submitter(networks, options, seen)
+
+    def run_segment(segment, out, on_frames):
+        return encode_segment(segment, out, size, submit, output=output, window=window, on_frames=on_frames)
+    return run_segment
+
+
+def _restore(source, target, header, run_segment, *, segment_s=60.0, parallel=2, **kwargs):
+    work = target.parent / f"{target.name}-work"
+    work.mkdir()
+    return restore_video(source, target, header, run_segment, workdir=work, segment_s=segment_s, parallel=parallel,
+                         **kwargs)
+
+
+def _pts(path: Path) -> list[int]:
+    with av.open(str(path)) as container:
+        return [f.pts for f in container.decode(video=0)]
+
+
+def _pts_s(path: Path) -> list[float]:
+    with av.open(str(path)) as container:
+        return [float(f.pts * f.time_base) for f in container.decode(video=0)]
+
+
 @pytest.mark.parametrize("container, subtitles", [("mp4", False), ("matroska", True)])
 def test_a_video_keeps_its_frames_rate_duration_and_other_streams(networks, tmp_path, container, subtitles):
-    source = make_video(tmp_path / f"in.{container}", container=container, subtitles=subtitles)
+    source = make_video(tmp_path / f"in.{container}", container=container, subtitles=subtitles, keyframe_every=4)
     header = probe_video(source, LimitsConfig())
     assert (header.width, header.height, header.rate, header.frames) == (48, 32, 12, 12)
     assert header.copied == (("audio", "subtitle") if subtitles else ("audio",))
     seen, reports = [], []
     target = tmp_path / "out"
-    result = restore_video(source, target, header, (96, 64), _submitter(networks, {"scale": 2}, seen),
-                           output=VideoOutput(crf=0, preset="ultrafast"), window=5,
-                           on_progress=reports.append, progress_every_s=0)
-    assert (result.frames, result.width, result.height, result.rate) == (12, 96, 64, 12)
+    run_segment = _segments(networks, {"scale": 2}, (96, 64), seen, VideoOutput(crf=0, preset="ultrafast"))
+    # a keyframe every third of a second: three segments of four frames, two at a time
+    result = _restore(source, target, header, run_segment, segment_s=0.3, on_progress=reports.append,
+                      progress_every_s=0.01)
+    assert (result.frames, result.segments, result.width, result.height, result.rate) == (12, 3, 96, 64, 12)
     out = probe_video(target, LimitsConfig())
     assert (out.frames, out.rate, out.width, out.height, out.codec) == (12, 12, 96, 64, "h264")
     assert abs(out.duration_s - header.duration_s) <= 1 / 12  # within one frame
+    assert _pts_s(target) == pytest.approx(_pts_s(source), abs=1e-3)  # each frame shown when it was
     assert packets_of(target, "audio") == packets_of(source, "audio")  # copied bit for bit
     if subtitles:
         assert packets_of(target, "subtitle") == [b"First line", b"Second line"]
-    # every frame went through the picture path, in order, and came out as it restored it
+    # the segments joined as they were encoded: no packet re-encoded at the seams
+    encoded = sorted((target.parent / "out-work").glob("restored-*"))
+    assert len(encoded) == 3
+    assert packets_of(target, "video") == [p for segment in encoded for p in packets_of(segment, "video")]
+    # every frame went through the picture path and came out as it restored it
     restored = [restore_with(networks, frame, model=MODEL, scale=2).pixels for frame in _frames(source)]
-    assert len(seen) == 12 and all(np.array_equal(a, b) for a, b in zip(seen, _frames(source)))
+    assert sorted(a.tobytes() for a in seen) == sorted(b.tobytes() for b in _frames(source))
     for ours, still in zip(_frames(target), restored):  # H.264 at crf 0 in 4:2:0: colour rounding only
         assert np.abs(ours.astype(int) - still.astype(int)).mean() < 3
-    assert [r.frames_done for r in reports] == list(range(1, 13)) + [12]
+    done = [r.frames_done for r in reports]
+    assert done == sorted(done) and done[-1] == 12 and len(done) >= 2
     assert reports[-1].frames_total == 12 and reports[-1].eta_s == 0 and reports[-1].fps > 0
+
+
+def test_parts_start_only_at_keyframes_no_later_frame_refers_back_past(tmp_path):
+    closed = make_video(tmp_path / "closed.mp4", seconds=2.0, audio=False, keyframe_every=6)
+    opened = make_video(tmp_path / "open.mp4", seconds=2.0, audio=False, keyframe_every=6, open_gop=True)
+    for source, segments in ((closed, 4), (opened, 1)):  # an open GOP's keyframes have leading B-frames
+        work = tmp_path / source.stem
+        work.mkdir()
+        segments = cut(source, work, segment_s=0.4)
+        assert len(segments) == segments
+        assert sum(len(_frames(segment.path)) for segment in segments) == 24  # every frame decodes in its segment
+        assert [p for segment in segments for p in packets_of(segment.path, "video")] == packets_of(source, "video")
+        assert [t for segment in segments for t in segment.pts] == sorted(_pts(source))
 
 
 def test_an_odd_output_size_loses_its_last_row_for_yuv420_and_keeps_it_for_yuv444(networks, tmp_path):
@@ -72,24 +118,26 @@ def test_an_odd_output_size_loses_its_last_row_for_yuv420_and_keeps_it_for_yuv44
     header = probe_video(source, LimitsConfig())
     for pix_fmt, size in (("yuv420p", (74, 56)), ("yuv444p", (75, 57))):
         target = tmp_path / f"{pix_fmt}.mp4"
-        restore_video(source, target, header, (75, 57), _submitter(networks, {"scale": 1.5}, []),
-                      output=VideoOutput(pix_fmt=pix_fmt, preset="ultrafast"))
+        _restore(source, target, header, _segments(networks, {"scale": 1.5}, (75, 57), [],
+                                                 VideoOutput(pix_fmt=pix_fmt, preset="ultrafast")))
         out = probe_video(target, LimitsConfig())
         assert (out.width, out.height, out.frames) == (*size, 6)
 
 
-def test_a_cancel_seen_in_a_progress_report_stops_the_work(networks, tmp_path):
-    source = make_video(tmp_path / "in.mp4")
+def test_a_cancel_seen_in_a_progress_report_stops_every_part(networks, tmp_path):
+    source = make_video(tmp_path / "in.mp4", seconds=4.0, keyframe_every=12)
     header = probe_video(source, LimitsConfig())
     seen = []
 
     def cancelled(progress):
         if progress.frames_done >= 3:
             raise KeyboardInterrupt("cancelled")
+    run_segment = _segments(networks, {"scale": 2}, (96, 64), seen, VideoOutput(preset="ultrafast"), window=2)
     with pytest.raises(KeyboardInterrupt):
-        restore_video(source, tmp_path / "out.mp4", header, (96, 64), _submitter(networks, {"scale": 2}, seen),
-                      output=VideoOutput(preset="ultrafast"), window=2, on_progress=cancelled, progress_every_s=0)
-    assert len(seen) <= 3 + 2  # the frames reported, and the window already sent
+        _restore(source, tmp_path / "out.mp4", header, run_segment, segment_s=1.0, on_progress=cancelled,
+                 progress_every_s=0.01)
+    # two segments at a time: what was reported, and each segment's window and the frame it was encoding
+    assert len(seen) <= 3 + 2 * (2 + 1 + 1) < 48
 
 
 def test_limits_are_checked_from_the_header(tmp_path):
@@ -117,12 +165,12 @@ def test_broken_and_foreign_files_get_typed_errors(tmp_path, networks):
         probe_video(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 100, LimitsConfig())
     # Matroska's header comes first: cut short, it probes, and the frames run out
     mkv = make_video(tmp_path / "in.mkv", container="matroska")
-    cut = tmp_path / "cut.mkv"
-    cut.write_bytes(mkv.read_bytes()[: mkv.stat().st_size // 2])
-    header = probe_video(cut, LimitsConfig())
+    truncated = tmp_path / "truncated.mkv"
+    truncated.write_bytes(mkv.read_bytes()[: mkv.stat().st_size // 2])
+    header = probe_video(truncated, LimitsConfig())
     with pytest.raises(CorruptVideo, match="only"):
-        restore_video(cut, tmp_path / "out.mkv", header, (96, 64), _submitter(networks, {"scale": 2}, []),
-                      output=VideoOutput(preset="ultrafast"))
+        _restore(truncated, tmp_path / "out.mkv", header, _segments(networks, {"scale": 2}, (96, 64), [],
+                                                             VideoOutput(preset="ultrafast")))
     with av.open(str(tmp_path / "tone.mp4"), "w") as out:  # audio and no video
         encode_source(out, out.add_stream("aac", rate=44100), "sine=frequency=440:duration=0.5", "audio")
     with pytest.raises(NoVideoStream):

@@ -8,8 +8,12 @@ ingress never handles pixels.
 """
 from __future__ import annotations
 
+import asyncio
+import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -23,9 +27,10 @@ from serve_app.deployments.failures import typed_error
 from serve_app.deployments.heap import freeze_heap, keep_freed_memory
 from serve_app.deployments.logs import quiet_client_errors
 from serve_app.deployments.threads import Workers
-from serve_app.errors import RequestTimeout, RestoreError
+from serve_app.errors import Overloaded, RequestTimeout, RestoreError
 from serve_app.imageio import Metadata, check_array, decode, default_output_format, encode, probe
 from serve_app.metrics import observe_steps
+from serve_app.video.pipeline import Segment, Stopped, VideoOutput, encode_segment
 
 
 @dataclass
@@ -99,6 +104,58 @@ class PreprocessDeployment:
             return result
         except Exception as exc:  # noqa: BLE001
             raise _typed(exc) from None
+
+    async def restore_video_segment(self, segment: Segment, data: bytes, options: RestoreOptions,
+                                    output: VideoOutput, size: tuple[int, int], window: int):
+        """One segment of a video job (``data`` its file's bytes), as a stream: every half second
+        the frames encoded since the last item, then the segment's encoding as bytes. Its frames
+        go through this replica's restoration, so their tiles join the GPU's batches."""
+        loop, stop = asyncio.get_running_loop(), threading.Event()
+        encoded: asyncio.Queue[int] = asyncio.Queue()
+
+        def submit(frame: np.ndarray):
+            return asyncio.run_coroutine_threadsafe(self._video_frame(frame, options), loop)
+
+        def on_frames(n: int) -> None:
+            if stop.is_set():
+                raise Stopped()
+            loop.call_soon_threadsafe(encoded.put_nowait, n)
+
+        def run() -> bytes:  # decoding and encoding on threads of their own, beside the event loop
+            with tempfile.TemporaryDirectory(prefix="video-segment-") as work:
+                local = replace(segment, path=Path(work) / segment.path.name)
+                local.path.write_bytes(data)
+                target = Path(work) / "restored.mp4"
+                encode_segment(local, target, size, submit, output=output, window=window, on_frames=on_frames)
+                return target.read_bytes()
+
+        task = asyncio.ensure_future(asyncio.to_thread(run))
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.5)
+                frames = 0
+                while not encoded.empty():
+                    frames += encoded.get_nowait()
+                yield frames  # 0 as well: the caller looks for a cancel with each item
+            yield task.result()
+        except Exception as exc:  # noqa: BLE001
+            raise _typed(exc) from None
+        finally:
+            stop.set()  # the caller went (a cancel) or the stream ended: the threads stop at their next frame
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _video_frame(self, frame: np.ndarray, options: RestoreOptions) -> np.ndarray:
+        """A frame restored; a graph at capacity makes it wait its turn, as a job waits."""
+        while True:
+            try:
+                pixels = check_array(frame, max_pixels=self.runtime.limits.max_pixels)
+                deadline = time.time() + self.runtime.request_timeout_s
+                return (await self._restore(pixels, options, {}, deadline)).pixels
+            except Exception as exc:  # noqa: BLE001  anything but overload goes up
+                error = _typed(exc)
+                if not isinstance(error, Overloaded):
+                    raise error from None
+                await asyncio.sleep(error.retry_after_s)
 
     async def _restore(self, pixels: np.ndarray, options: RestoreOptions, timings: dict,
                        deadline: float | None) -> Restored:

@@ -36,7 +36,7 @@ from serve_app.jobs.system import CONSUMER, TASK, JobSystem, task_processor_conf
 from serve_app.jobs.webhooks import Webhooks
 from serve_app.metrics import count_job
 from serve_app.video.options import split_video_options
-from serve_app.video.pipeline import Progress, VideoOutput, restore_video
+from serve_app.video.pipeline import OnFrames, Progress, Segment, VideoOutput, restore_video
 from serve_app.video.probe import check_output, looks_like_video, probe_video
 
 log = logging.getLogger("ray.serve")
@@ -150,15 +150,18 @@ class JobConsumer:
 
     def _run_video(self, job, attempt: int, source: Path, work: Path, options: RestoreOptions,
                    output: VideoOutput) -> tuple[str, dict]:
-        """A video, frame by frame through the CPU deployment: its tiles join the GPU's batches
-        beside pictures. Progress goes into the job's record; a cancel is seen there too."""
-        limits = self.runtime.limits
+        """A video cut into segments, each decoded, restored and encoded by a CPU replica (its
+        frames' tiles join the GPU's batches beside pictures), joined here with the input's
+        audio. Progress goes into the job's record; a cancel is seen there too."""
+        jobs, limits = self.args.jobs, self.runtime.limits
         header = probe_video(source, limits)
         options = options.fitted(header.width, header.height, limits.max_output_pixels)
         size = options.output_size(header.width, header.height)
         check_output(header, size, limits)
         fmt = "mp4" if header.container == "mp4" else "mkv"
         target = work / f"result.{fmt}"
+        segments = work / "segments"
+        segments.mkdir()
 
         def report(progress: Progress) -> None:
             if not self.jobs.records.report(job.id, attempt, asdict(progress)):
@@ -166,13 +169,29 @@ class JobConsumer:
             log.info("job %s: %d of %d frames, %.1f frames/s", job.id, progress.frames_done,
                      progress.frames_total, progress.fps)
 
-        result = restore_video(source, target, header, size, lambda frame: _Frame(self, job.id, frame, options),
-                               output=output, window=self.args.jobs.video_frames_in_flight, on_progress=report)
+        def run_segment(segment: Segment, encoding: Path, on_frames: OnFrames) -> int:
+            stream = self.preprocess.options(stream=True).restore_video_segment.remote(
+                segment, segment.path.read_bytes(), options, output, size, jobs.video_frames_in_flight)
+            frames = 0
+            try:
+                for item in stream:
+                    if isinstance(item, bytes):
+                        encoding.write_bytes(item)
+                    else:
+                        frames += item
+                        on_frames(item)
+            except BaseException:
+                stream.cancel()  # its replica stops at its next frame
+                raise
+            return frames
+
+        result = restore_video(source, target, header, run_segment, workdir=segments, segment_s=jobs.video_segment_s,
+                               parallel=jobs.video_segments_in_flight, on_progress=report)
         key = f"results/{job.id}.{fmt}"
         self.jobs.objects.put_file(key, target, CONTENT_TYPES[fmt])
         return key, {"key": key, "format": fmt, "bytes": target.stat().st_size, "width": result.width,
                      "height": result.height, "frames": result.frames, "fps": float(result.rate),
-                     "duration_s": round(result.duration_s, 3)}
+                     "duration_s": round(result.duration_s, 3), "segments": result.segments}
 
     def _restore(self, job_id: str, data: bytes, options: RestoreOptions):
         deadline = time.time() + self.runtime.request_timeout_s
@@ -208,32 +227,6 @@ class JobConsumer:
                     log.info("removed %d jobs past their retention", swept)
             except Exception:  # noqa: BLE001  the next sweep tries again
                 log.exception("job sweep failed")
-
-
-class _Frame:
-    """One frame in the CPU deployment; ``result`` waits out overload as a picture job does."""
-
-    def __init__(self, consumer: JobConsumer, job_id: str, frame, options: RestoreOptions):
-        self.consumer, self.job_id, self.frame, self.options = consumer, job_id, frame, options
-        self.response = self._submit()
-
-    def _submit(self):
-        deadline = time.time() + self.consumer.runtime.request_timeout_s
-        return self.consumer.preprocess.restore_array.remote(self.frame, self.options, deadline)
-
-    def cancel(self) -> None:
-        self.response.cancel()
-
-    def result(self):
-        while True:
-            try:
-                return self.response.result().pixels
-            except Exception as exc:  # noqa: BLE001  anything but overload goes up
-                error = typed_error(exc)
-                if not isinstance(error, Overloaded):
-                    raise error from None
-                self.consumer._pause(self.job_id, error.retry_after_s)
-                self.response = self._submit()
 
 
 def consumer_deployment(args: AppArgs):
