@@ -74,6 +74,34 @@ def test_items_queued_behind_a_batch_go_at_once_without_waiting_for_company():
     assert elapsed < 2.5  # two 50 ms batches; waiting for company would take 5 s
 
 
+def test_parties_take_turns_so_a_late_small_request_does_not_wait_behind_a_large_one():
+    batches = []
+
+    async def device(items, deliver, abandoned):
+        batches.append(list(items))
+        await asyncio.sleep(0.02)
+        for i, item in enumerate(items):
+            deliver(i, item)
+
+    async def main():
+        batcher = DeviceBatcher(device, max_batch_size=4, wait_s=0.005)
+        # a video's frames: 24 tiles of one party, queued first
+        video = [asyncio.ensure_future(batcher.submit(f"v{i}", "job_1")) for i in range(24)]
+        await asyncio.sleep(0.01)  # its first batch is on the device
+        # then a still picture of three tiles and another of one, each a party of its own
+        still = object()
+        stills = [asyncio.ensure_future(batcher.submit(f"s{i}", still)) for i in range(3)]
+        single = asyncio.ensure_future(batcher.submit("t0"))
+        await asyncio.gather(*stills, single, *video)
+
+    asyncio.run(main())
+    # one item from each waiting party in turn: both pictures done in the two batches after the
+    # first, not after the video's 24 tiles (first in, first out would have put them in the seventh)
+    assert batches[0] == ["v0", "v1", "v2", "v3"]
+    assert batches[1] == ["v4", "s0", "t0", "v5"] and batches[2] == ["s1", "v6", "s2", "v7"]
+    assert [item for batch in batches[3:] for item in batch] == [f"v{i}" for i in range(8, 24)]
+
+
 def test_a_failing_batch_fails_its_callers_only_and_cancelled_callers_are_skipped():
     sizes = []
 

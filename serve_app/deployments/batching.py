@@ -7,6 +7,11 @@ of one tile under load at half its throughput. Here the next batch is formed onl
 takes everything that queued meanwhile (up to ``max_batch_size``) and goes at once; only an
 item that finds the device idle waits, at most ``wait_s``, for company.
 
+Items wait by party (a request, or a whole video job) and a batch takes them in turns, one
+item from each party with items waiting, the least recently served party first: a still
+picture's few tiles go in the next batch beside a video's, rather than behind the hundreds of
+tiles the video's frames queued before it.
+
 A batch's work hands each item its result as soon as that result exists (``deliver``): work
 done in several device calls, group by group or face by face, lets its first items go while
 the device works on the rest, rather than every item waiting for the batch's last.
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Awaitable, Callable, Generic, Hashable, TypeVar
 
 T = TypeVar("T")
@@ -34,22 +39,24 @@ class DeviceBatcher(Generic[T, R]):
                  wait_s: float):
         self._run_batch = run_batch
         self.max_batch_size, self.wait_s = max_batch_size, wait_s
-        self._waiting: deque[tuple[T, asyncio.Future]] = deque()
+        # each party's items in arrival order; the party served least recently first
+        self._waiting: OrderedDict[Hashable, deque[tuple[T, asyncio.Future]]] = OrderedDict()
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task | None = None
 
-    async def submit(self, item: T) -> R:
-        """The result for ``item``, computed in a batch with whatever else is waiting."""
-        return (await self.submit_timed(item))[0]
+    async def submit(self, item: T, party: Hashable = None) -> R:
+        """The result for ``item``, computed in a batch with whatever else is waiting; ``party``
+        (default: the item alone) takes its turns with the other parties'."""
+        return (await self.submit_timed(item, party))[0]
 
-    async def submit_timed(self, item: T) -> tuple[R, float, float]:
+    async def submit_timed(self, item: T, party: Hashable = None) -> tuple[R, float, float]:
         """``submit``'s result, with the seconds ``item`` waited for its batch to start and the
         seconds from that start to its result."""
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._serve())
         submitted = time.perf_counter()
         future = asyncio.get_running_loop().create_future()
-        self._waiting.append((item, future))
+        self._waiting.setdefault(object() if party is None else party, deque()).append((item, future))
         self._arrived.set()
         result, started, ended = await future
         return result, started - submitted, ended - started
@@ -87,14 +94,24 @@ class DeviceBatcher(Generic[T, R]):
         # found the device idle waits, at most wait_s, for company. Waiting behind a backlog
         # would idle a device that has work, and lengthened the replica's tail when measured.
         await self._wait_for_arrival(None)
-        batch = [self._waiting.popleft()]
+        batch = [self._take()]
         deadline = asyncio.get_running_loop().time() + (0.0 if backlog else self.wait_s)
         while len(batch) < self.max_batch_size:
             if self._waiting:
-                batch.append(self._waiting.popleft())
+                batch.append(self._take())
             elif not await self._wait_for_arrival(deadline - asyncio.get_running_loop().time()):
                 break
         return batch
+
+    def _take(self) -> tuple[T, asyncio.Future]:
+        """The oldest item of the party served least recently; that party goes to the back."""
+        party, items = next(iter(self._waiting.items()))
+        item = items.popleft()
+        if items:
+            self._waiting.move_to_end(party)
+        else:
+            del self._waiting[party]
+        return item
 
     async def _wait_for_arrival(self, timeout: float | None) -> bool:
         """Whether an item is waiting, after at most ``timeout`` seconds (None: forever)."""

@@ -56,33 +56,34 @@ class FaceDeployment(GpuReplica):
             batcher.max_batch_size, batcher.wait_s = runtime.face_batch_size, runtime.face_batch_wait_s
 
     async def restore(self, work: np.ndarray, face_model: str, strength: float = 1.0,
-                      only_center_face: bool = False, aligned: bool = False, deadline: float | None = None
-                      ) -> tuple[FoundFaces, list[np.ndarray], list[np.ndarray]]:
+                      only_center_face: bool = False, aligned: bool = False, deadline: float | None = None,
+                      party: str | None = None) -> tuple[FoundFaces, list[np.ndarray], list[np.ndarray]]:
         """An 8-bit BGR picture -> where its faces are (the affines that cut them out, and how many
         were found), their restored versions and their paste masks; RequestTimeout past
-        ``deadline`` (a ``time.time()``), its faces then dropped from the batches to come."""
+        ``deadline`` (a ``time.time()``), its faces then dropped from the batches to come. Its
+        batch items take turns as one party: ``party`` (a video job's), else this request."""
         self.engines.start_retries()
         self.engines.get(face_model)  # a model that could not load is refused here, before any batch
         timeout = None if deadline is None else deadline - time.time()
         try:
-            return await asyncio.wait_for(self._restore(work, face_model, strength, only_center_face, aligned),
-                                          timeout)
+            return await asyncio.wait_for(self._restore(work, face_model, strength, only_center_face, aligned,
+                                                        party or object()), timeout)
         except asyncio.TimeoutError:
             raise RequestTimeout() from None
 
     async def _restore(self, work: np.ndarray, face_model: str, strength: float, only_center_face: bool,
-                       aligned: bool) -> tuple[FoundFaces, list[np.ndarray], list[np.ndarray]]:
+                       aligned: bool, party) -> tuple[FoundFaces, list[np.ndarray], list[np.ndarray]]:
         entered = time.perf_counter()
         engine = self.engines.get(face_model)
         detect_wait = detect = 0.0
         if aligned:
             found = engine.align(work, None, aligned=True)
         else:
-            detections, detect_wait, detect = await self.detections.submit_timed((engine, work))
+            detections, detect_wait, detect = await self.detections.submit_timed((engine, work), party)
             found = await self.workers.cpu(engine.align, work, detections, only_center_face=only_center_face,
                                            max_faces=self.runtime.limits.max_faces)
         aligned_at = time.perf_counter()
-        done = await asyncio.gather(*(self.faces.submit_timed((engine, strength, not aligned, crop))
+        done = await asyncio.gather(*(self.faces.submit_timed((engine, strength, not aligned, crop), party)
                                       for crop in found.crops))
         # In ms: the waits for a batch to start and the batches' times (the longest, where faces are several)
         self.times.add(detect_wait=detect_wait * 1e3, detect=detect * 1e3,

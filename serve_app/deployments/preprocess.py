@@ -106,15 +106,17 @@ class PreprocessDeployment:
             raise _typed(exc) from None
 
     async def restore_video_segment(self, segment: Segment, data: bytes, options: RestoreOptions,
-                                    output: VideoOutput, size: tuple[int, int], window: int):
+                                    output: VideoOutput, size: tuple[int, int], window: int, party: str):
         """One segment of a video job (``data`` its file's bytes), as a stream: every half second
         the frames encoded since the last item, then the segment's encoding as bytes. Its frames
-        go through this replica's restoration, so their tiles join the GPU's batches."""
+        go through this replica's restoration, so their tiles join the GPU's batches, taking
+        turns there as ``party`` (the job) beside still pictures."""
         loop, stop = asyncio.get_running_loop(), threading.Event()
         encoded: asyncio.Queue[int] = asyncio.Queue()
+        networks = self.networks.for_party(party)
 
         def submit(frame: np.ndarray):
-            return asyncio.run_coroutine_threadsafe(self._video_frame(frame, options), loop)
+            return asyncio.run_coroutine_threadsafe(self._video_frame(frame, options, networks), loop)
 
         def on_frames(n: int) -> None:
             if stop.is_set():
@@ -144,13 +146,14 @@ class PreprocessDeployment:
             stop.set()  # the caller went (a cancel) or the stream ended: the threads stop at their next frame
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    async def _video_frame(self, frame: np.ndarray, options: RestoreOptions) -> np.ndarray:
+    async def _video_frame(self, frame: np.ndarray, options: RestoreOptions, networks: _GpuDeployments
+                           ) -> np.ndarray:
         """A frame restored; a graph at capacity makes it wait its turn, as a job waits."""
         while True:
             try:
                 pixels = check_array(frame, max_pixels=self.runtime.limits.max_pixels)
                 deadline = time.time() + self.runtime.request_timeout_s
-                return (await self._restore(pixels, options, {}, deadline)).pixels
+                return (await self._restore(pixels, options, {}, deadline, networks)).pixels
             except Exception as exc:  # noqa: BLE001  anything but overload goes up
                 error = _typed(exc)
                 if not isinstance(error, Overloaded):
@@ -158,24 +161,28 @@ class PreprocessDeployment:
                 await asyncio.sleep(error.retry_after_s)
 
     async def _restore(self, pixels: np.ndarray, options: RestoreOptions, timings: dict,
-                       deadline: float | None) -> Restored:
-        return await restore(pixels, options, self.networks, tile=self.args.tile,
+                       deadline: float | None, networks: _GpuDeployments | None = None) -> Restored:
+        return await restore(pixels, options, networks or self.networks, tile=self.args.tile,
                              max_output_pixels=self.runtime.limits.max_output_pixels, cpu=self.workers.cpu,
                              timings=timings, deadline=deadline)
 
 
 class _GpuDeployments:
-    """The networks as the GPU deployments run them, behind their handles."""
+    """The networks as the GPU deployments run them, behind their handles; the work of one
+    ``party`` (a video job) takes its turns in their batches as one."""
 
-    def __init__(self, upscaler: DeploymentHandle, faces: DeploymentHandle):
-        self.upscaler, self.face_handle = upscaler, faces
+    def __init__(self, upscaler: DeploymentHandle, faces: DeploymentHandle, party: str | None = None):
+        self.upscaler, self.face_handle, self.party = upscaler, faces, party
+
+    def for_party(self, party: str) -> _GpuDeployments:
+        return _GpuDeployments(self.upscaler, self.face_handle, party)
 
     async def upscale(self, model: str, denoise: float | None, inputs: np.ndarray, deadline: float | None):
-        return await self.upscaler.forward.remote(model, denoise, inputs, deadline)
+        return await self.upscaler.forward.remote(model, denoise, inputs, deadline, self.party)
 
     async def faces(self, work: np.ndarray, options: RestoreOptions, deadline: float | None):
         return await self.face_handle.restore.remote(work, options.face_model, options.face_strength,
-                                                     options.only_center_face, options.aligned, deadline)
+                                                     options.only_center_face, options.aligned, deadline, self.party)
 
 
 def _check_deadline(deadline: float | None) -> None:

@@ -53,9 +53,11 @@ class UpscalerDeployment(GpuReplica):
     # async, forwards on the device thread: Serve's sync-method pool, or a new thread per call,
     # pays CUDA's per-thread set-up in GPU time (bench/call_styles.py measures it).
     async def forward(self, model: str, denoise: float | None, tiles: np.ndarray,
-                      deadline: float | None = None) -> np.ndarray:
+                      deadline: float | None = None, party: str | None = None) -> np.ndarray:
         """N x 3 x h x w network inputs of one request -> its N outputs (see ``Upscaler.forward``),
-        or a typed refusal at once when they cannot be done by ``deadline`` (a ``time.time()``)."""
+        or a typed refusal at once when they cannot be done by ``deadline`` (a ``time.time()``).
+        The tiles take turns in the batches as one party: ``party`` (a video job's frames share
+        one), else this request."""
         entered = time.perf_counter()
         self.engines.start_retries()
         key = (model, denoise)
@@ -67,7 +69,8 @@ class UpscalerDeployment(GpuReplica):
             raise TooMuchWork(f"{exc.detail}{self._lighter_models(model, pixels)}") from None
         try:
             timeout = None if deadline is None else deadline - time.time()
-            tiles_done = asyncio.gather(*(self.batcher.submit((key, engine, x)) for x in tiles))
+            party = party or object()
+            tiles_done = asyncio.gather(*(self.batcher.submit((key, engine, x), party) for x in tiles))
             tiles_done.add_done_callback(_retrieve)  # cancelled with its request: nothing to log
             done: list[_Tile] = await asyncio.wait_for(tiles_done, timeout)
         except asyncio.TimeoutError:  # its tiles are dropped, and a pass that only they need stops

@@ -171,7 +171,7 @@ class JobConsumer:
 
         def run_segment(segment: Segment, encoding: Path, on_frames: OnFrames) -> int:
             stream = self.preprocess.options(stream=True).restore_video_segment.remote(
-                segment, segment.path.read_bytes(), options, output, size, jobs.video_frames_in_flight)
+                segment, segment.path.read_bytes(), options, output, size, jobs.video_frames_in_flight, job.id)
             frames = 0
             try:
                 for item in stream:
