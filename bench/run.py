@@ -1,15 +1,15 @@
 """The benchmark, in one command, on any CUDA machine (or a small smoke run on the CPU):
 
-    python -m bench.run [--out bench/results/NAME.json] [--seconds 8] [--open-seconds 60] [--sections served jobs video]
+    python -m bench.run [--out bench/results/NAME.json] [--seconds 8] [--open-seconds 60] [--sections served jobs video replicas]
     python -m bench.run --merge A.json B.json --out NAME.json   # sections run one after the other
 
 In one run, on one device: the reference paths (RealESRGANer, GFPGANer) one image at a time;
 our engines' device stage at a fixed tile shape (eager and compiled, TFLOP/s against a matmul
 peak measured here, PSNR against fp32 eager); how the calling style of a Serve replica changes
 the same forward's GPU time; the whole served graph over HTTP; jobs through the same graph
-against it (``bench.jobs``); and videos as jobs against the official video script's loop
-(``bench.video``). Prints the JSON report (also
-written to --out) and, on stderr, the table the README shows.
+against it (``bench.jobs``); videos as jobs against the official video script's loop
+(``bench.video``); two GPU replicas of each model on one GPU against one (``bench.replicas``).
+Prints the JSON report (also written to --out) and, on stderr, the table the README shows.
 
 Weights are real wherever the store has them (the cache, or ncnn conversions), random elsewhere;
 the report says which. Speed does not depend on the weights' values.
@@ -30,13 +30,13 @@ import ray
 import torch
 
 import serve_app
-from bench import call_styles, engines, jobs, served, video
+from bench import call_styles, engines, jobs, replicas, served, video
 from bench.common import weights_in_use
 from serve_app.config import WeightsConfig
 from serve_app.weights import WeightsStore
 
 UPSCALER, FACE_MODEL = "RealESRGAN_x4plus", "GFPGANv1.4"
-SECTIONS = ("engines", "call_styles", "served", "jobs", "video")
+SECTIONS = ("engines", "call_styles", "served", "jobs", "video", "replicas")
 
 
 def settings(cuda: bool, seconds: float | None, open_seconds: float | None = None) -> dict:
@@ -93,7 +93,7 @@ def main() -> None:
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-    if {"call_styles", "served", "jobs", "video"} & set(args.sections):
+    if {"call_styles", "served", "jobs", "video", "replicas"} & set(args.sections):
         served.start_ray()
         if "call_styles" in args.sections:
             report["call_styles"] = call_styles.run(s["tile"], 4 if cuda else 1, s["repeats"])
@@ -110,6 +110,11 @@ def main() -> None:
         if "video" in args.sections:
             video.run(report.setdefault("video", {}), store, folder, args.cache_dir, tile=s["tile"],
                       batch=s["batch"], compile_mode=s["compile"], save=lambda: _save(report, args.out))
+        if "replicas" in args.sections:
+            replicas.run(report.setdefault("replicas", {}), folder, args.cache_dir, tile=s["tile"], batch=s["batch"],
+                         compile_mode=s["compile"], upscale_size=s["sizes"]["upscale"],
+                         levels=args.levels or ([8, 32] if cuda else [2]), seconds=s["seconds"],
+                         save=lambda: _save(report, args.out))
         ray.shutdown()
     report["wall_s"] = time.perf_counter() - started
     _save(report, args.out)
@@ -158,6 +163,8 @@ def table(report: dict) -> str:
         rows += jobs.rows(report["jobs"])
     if report.get("video"):
         rows += video.rows(report["video"])
+    if report.get("replicas"):
+        rows += replicas.rows(report["replicas"])
     if styles:
         rows.append(f"| same forward, Serve sync vs async method (GPU ms) | {styles['serve_sync_ms']:.1f} | "
                     f"{styles['serve_async_ms']:.1f} | {styles['sync_over_async']:.2f}x |")

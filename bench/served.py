@@ -1,7 +1,7 @@
 """The served graph over HTTP, as users call it: a raw image in, a PNG out.
 
 Deploys serve_config.yaml with the `serve` command line (one Real-ESRGAN and one GFPGAN model,
-one GPU replica each at 0.5 GPU, CPU replicas as set below) and measures, per path:
+one GPU replica each at about half a GPU, CPU replicas as set below) and measures, per path:
 - closed loop at several concurrency levels, doubled past the last while throughput still grows
   (``more_load``): throughput, p50/p95/p99 latency, and from the GPU replica where a request's
   time went (queued, served, bare forward);

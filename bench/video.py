@@ -6,10 +6,12 @@ testsrc2 clips: the networks' time does not depend on what the frames show, x264
   through ``RealESRGANer.enhance`` (untiled, fp16 on CUDA), then H.264, with PyAV in place of
   its ffmpeg pipes (the GPU machine has no ffmpeg binary; in-process I/O costs it less, not
   more); with and without the encode;
-- ours: the clip as one job through the served graph and its consumer, frames a second from the
-  job's run time; and the same frames sent through the CPU deployment by the consumer's window
-  with the outputs dropped (no encode): the two differ by what the encoder costs;
-- the encoder alone: libx264 at the output size and the same settings, on one frame repeated;
+- ours: the clip as one job through the served graph and its consumer, cut into segments of a
+  second that the CPU replicas restore and encode four at a time, frames a second from the job's
+  run time; and the same frames sent through the CPU deployment 16 at a time with the outputs
+  dropped (no encode): the two differ by what the encoder costs;
+- the encoder alone: libx264 at the output size and the same settings, on moving frames made
+  beforehand: frames a second on the whole node, and CPU seconds a frame;
 - the GPU's busy share while the job runs (NVML's utilisation, sampled), and a still picture's
   latency (the served benchmark's 256x256 at x4) while the job runs, against unloaded.
 Both sides encode as the official script does by default: libx264, crf 23, preset medium.
@@ -17,6 +19,7 @@ Both sides encode as the official script does by default: libx264, crf 23, prese
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import threading
 import time
@@ -37,6 +40,7 @@ from serve_app.video.pipeline import VideoOutput
 from serve_app.weights import get_spec
 
 OUTPUT = VideoOutput(crf=23, preset="medium")  # ffmpeg's libx264 defaults, as the official script gets
+SEGMENT_S = 1.0  # the clips are a few seconds long, with a keyframe a second: a segment each
 
 
 def cases(cuda: bool) -> list[dict]:
@@ -74,21 +78,23 @@ def reference(store, case: dict, clip: Path, target: Path, device: str, encode: 
 
 
 def encoder_alone(size: tuple[int, int], frames: int, target: Path) -> dict:
-    """libx264 at ``size`` with the output settings, one testsrc2 frame repeated."""
+    """libx264 at ``size`` with the output settings, on testsrc2's moving frames made beforehand:
+    frames a second, and the CPU seconds (all of x264's threads) each frame costs."""
     import av
 
     with av.open(f"testsrc2=size={size[0]}x{size[1]}:rate=30", format="lavfi") as src:
-        frame = next(src.decode(video=0)).reformat(format="yuv420p")
+        made = [f.reformat(format="yuv420p") for f, _ in zip(src.decode(video=0), range(frames))]
     with av.open(str(target), "w") as out:
         stream = out.add_stream("libx264", rate=30)
         stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
         stream.options = {"crf": str(OUTPUT.crf), "preset": OUTPUT.preset}
-        started = time.perf_counter()
-        for n in range(frames):
-            frame.pts = n
+        started, cpu = time.perf_counter(), time.process_time()
+        for n, frame in enumerate(made):
+            frame.pts, frame.pict_type = n, 0
             out.mux(stream.encode(frame))
         out.mux(stream.encode(None))
-    return {"frames": frames, "fps": frames / (time.perf_counter() - started)}
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return {"frames": frames, "fps": frames / wall, "cpu_s_per_frame": cpu / frames, "cores": os.cpu_count()}
 
 
 def frames_without_encode(clip: Path, options: dict, window: int) -> dict:
@@ -166,7 +172,8 @@ def run(report: dict, store, folder: Path, cache: Path, *, tile: int, batch: int
     work = folder / "video"
     work.mkdir(exist_ok=True)
     clips = {case["model"]: make_clip(work / f"{case['model']}.mp4", size=case["size"], rate=case["rate"],
-                                      seconds=case["seconds"]) for case in cases(cuda)}
+                                      seconds=case["seconds"], keyframe_every=case["rate"])
+             for case in cases(cuda)}
     for case in cases(cuda):
         name, clip = case["model"], clips[case["model"]]
         out_size = (case["size"][0] * case["scale"], case["size"][1] * case["scale"])
@@ -184,6 +191,7 @@ def run(report: dict, store, folder: Path, cache: Path, *, tile: int, batch: int
                                      compile_mode=compile_mode, replicas=1, jobs_each=1)
         args = config["applications"][0]["args"]
         args["upscalers"] = sorted({*args["upscalers"], *(case["model"] for case in cases(cuda))})
+        args["jobs"].update(video_segment_s=SEGMENT_S)
         served.deploy(config, folder)
         still = served.path_request("upscale", 256 if cuda else 64)
         unloaded: list[float] = []
@@ -195,8 +203,9 @@ def run(report: dict, store, folder: Path, cache: Path, *, tile: int, batch: int
             frames_without_encode(clip, {"model": name, "scale": case["scale"]}, 16)  # warm-up: batches, kernels
             with _GpuBusy() as busy:
                 job, during = asyncio.run(_job_with_stills(clip, params, still))
-            ours = {"frames": job["output"]["frames"], "fps": job["output"]["frames"] / job["metrics"]["run_s"],
-                    "run_s": job["metrics"]["run_s"], "gpu_busy_share": busy.share}
+            ours = {"frames": job["output"]["frames"], "segments": job["output"]["segments"],
+                    "fps": job["output"]["frames"] / job["metrics"]["run_s"], "run_s": job["metrics"]["run_s"],
+                    "gpu_busy_share": busy.share}
             without = frames_without_encode(clip, {"model": name, "scale": case["scale"]}, 16)
             entry = report[name]
             entry["ours"] = {"with_encode": ours, "without_encode": without}

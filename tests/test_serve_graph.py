@@ -258,6 +258,48 @@ def test_gpu_deployments_share_the_logical_gpu(client):
     assert ray.available_resources().get("GPU", 0) == pytest.approx(0.5)  # 0.25 upscaler + 0.25 faces held
 
 
+@ray.remote(num_cpus=0)
+class _Placed:
+    """Stands in for a GPU replica: it holds what the replica asks for and says which GPU it got."""
+
+    def gpu(self) -> list:
+        return ray.get_gpu_ids()
+
+
+def test_the_shipped_gpu_shares_give_each_upscaler_a_gpu_of_its_own_on_a_node_of_four(deployed):
+    """The shipped num_gpus of the two GPU deployments, on a node of four logical GPUs, in the
+    order autoscaling creates replicas: the minimum (one of each), then upscalers, then faces."""
+    shipped = {d["name"]: d["ray_actor_options"]["num_gpus"] for d in
+               yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["deployments"]}
+    # no CPU: no replica of the running application can land there
+    node = deployed["cluster"].add_node(num_cpus=0, num_gpus=4, resources={"four_gpus": 100})
+    try:
+        def place(name: str):
+            return _Placed.options(num_gpus=shipped[name], resources={"four_gpus": 1}).remote()
+        order = ["UpscalerDeployment", "FaceDeployment"] + ["UpscalerDeployment"] * 3 + ["FaceDeployment"] * 3
+        actors = [place(name) for name in order]
+        gpus = [ray.get(actor.gpu.remote(), timeout=180) for actor in actors]  # a worker process each
+        by_gpu: dict = {}
+        for name, ids in zip(order, gpus):
+            by_gpu.setdefault(tuple(ids), []).append(name)
+        assert sorted(by_gpu.values()) == [["UpscalerDeployment", "FaceDeployment"]] * 4, by_gpu
+        # and a fifth upscaler waits for another node rather than share a GPU with one
+        fifth = place("UpscalerDeployment")
+        ready, _ = ray.wait([fifth.gpu.remote()], timeout=3)
+        assert not ready
+        # at half a GPU each, Ray's packing would put two upscalers on one GPU
+        for actor in actors + [fifth]:
+            ray.kill(actor)
+        _wait_for(lambda: ray.available_resources().get("four_gpus") == 100, 30, "the node's GPUs freed")
+        halves = [_Placed.options(num_gpus=0.5, resources={"four_gpus": 1}).remote() for _ in range(2)]
+        ids = [ray.get(actor.gpu.remote(), timeout=180) for actor in halves]
+        assert ids[0] == ids[1]
+        for actor in halves:
+            ray.kill(actor)
+    finally:
+        deployed["cluster"].remove_node(node)
+
+
 def test_api_keys_decide_who_may_call_what(deployed, client, small_photo):
     photo = _png(small_photo)
     for headers in ({}, {"authorization": "Bearer rsk_not-a-key"}, {"authorization": f"Basic {deployed['keys']['tests']}"}):

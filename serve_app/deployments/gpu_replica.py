@@ -8,6 +8,7 @@ makes its CUDA context, the engines loaded last, then the start-up heap frozen.
 from __future__ import annotations
 
 import logging
+import os
 
 import ray
 import torch
@@ -76,7 +77,7 @@ class GpuReplica:
     def _replica_stats(self) -> dict:
         """What every GPU replica reports in ``stats()``."""
         self.engines.start_retries()
-        return {"device": str(self.device), "failures": self.engines.failures,
+        return {"device": str(self.device), "pid": os.getpid(), "failures": self.engines.failures,
                 "engine_builds": dict(self.engines.builds),
                 "node_id": ray.get_runtime_context().get_node_id(), "times": self.times.summary(),
                 "gpu_memory": gpu_memory(self.device, self.memory_fraction), "gpu_waits": gpu_waits(),

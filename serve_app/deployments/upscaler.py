@@ -6,7 +6,6 @@ little besides feeding the GPU.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections import Counter
 from typing import NamedTuple
@@ -133,7 +132,7 @@ class UpscalerDeployment(GpuReplica):
                 deliver(i, _Tile(y, (started, group), bare_ms, device_ms))
 
     async def stats(self) -> dict:
-        return {**self._replica_stats(), "pid": os.getpid(), "batch_sizes": dict(self.batch_sizes),
+        return {**self._replica_stats(), "batch_sizes": dict(self.batch_sizes),
                 "times": self._times(), "abandoned_passes": self.abandoned_passes,
                 "admitted_work_s": self.admission.outstanding_s}
 
