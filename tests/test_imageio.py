@@ -164,10 +164,10 @@ def test_bad_bytes_get_typed_errors(data, error):
         decode(data, **LIMITS)
 
 
-def test_gif_is_unsupported():
+def test_gif_is_unsupported_and_the_error_points_an_animation_to_jobs():
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, "GIF")
-    with pytest.raises(UnsupportedFormat):
+    with pytest.raises(UnsupportedFormat, match="animated GIF is restored as a video job"):
         decode(buf.getvalue(), **LIMITS)
 
 

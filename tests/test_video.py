@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 import pytest
 
@@ -14,7 +15,7 @@ from serve_app.config import EngineConfig, LimitsConfig, TileConfig
 from serve_app.engines.local import LocalNetworks
 from serve_app.errors import CorruptVideo, NoVideoStream, TooManyPixels, UnsupportedFormat, VideoTooLong
 from serve_app.video.pipeline import VideoOutput, cut, encode_segment, restore_video
-from serve_app.video.probe import check_output, probe_video
+from serve_app.video.probe import HEAD_BYTES, check_output, looks_like_video, probe_video
 
 pytestmark = pytest.mark.engine
 MODEL = "realesr-animevideov3"
@@ -103,11 +104,11 @@ def test_a_video_keeps_its_frames_rate_duration_and_other_streams(networks, tmp_
 def test_parts_start_only_at_keyframes_no_later_frame_refers_back_past(tmp_path):
     closed = make_video(tmp_path / "closed.mp4", seconds=2.0, audio=False, keyframe_every=6)
     opened = make_video(tmp_path / "open.mp4", seconds=2.0, audio=False, keyframe_every=6, open_gop=True)
-    for source, segments in ((closed, 4), (opened, 1)):  # an open GOP's keyframes have leading B-frames
+    for source, count in ((closed, 4), (opened, 1)):  # an open GOP's keyframes have leading B-frames
         work = tmp_path / source.stem
         work.mkdir()
         segments = cut(source, work, segment_s=0.4)
-        assert len(segments) == segments
+        assert len(segments) == count
         assert sum(len(_frames(segment.path)) for segment in segments) == 24  # every frame decodes in its segment
         assert [p for segment in segments for p in packets_of(segment.path, "video")] == packets_of(source, "video")
         assert [t for segment in segments for t in segment.pts] == sorted(_pts(source))
@@ -138,6 +139,46 @@ def test_a_cancel_seen_in_a_progress_report_stops_every_part(networks, tmp_path)
                  progress_every_s=0.01)
     # two segments at a time: what was reported, and each segment's window and the frame it was encoding
     assert len(seen) <= 3 + 2 * (2 + 1 + 1) < 48
+
+
+def _animation(path: Path, kind: str, frames: int = 7) -> Path:
+    """An animated GIF (palette) or PNG (RGB) of a bar moving across, 10 frames a second."""
+    codec, pix_fmt = {"gif": ("gif", "rgb8"), "apng": ("apng", "rgb24")}[kind]
+    with av.open(str(path), "w", format=kind) as out:
+        stream = out.add_stream(codec, rate=10)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, pix_fmt
+        for i in range(frames):
+            img = np.full((32, 48, 3), 40, np.uint8)
+            img[:, i * 6:(i + 1) * 6] = (255, 128, 0)
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format=pix_fmt)
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["gif", "apng"])
+def test_an_animated_gif_or_png_becomes_an_mp4_of_its_frames(networks, tmp_path, kind):
+    source = _animation(tmp_path / f"in.{kind}", kind)
+    assert looks_like_video(source.read_bytes()[:HEAD_BYTES])
+    header = probe_video(source, LimitsConfig())
+    assert (header.container, header.frames, header.rate, header.duration_s) == ("mp4", 7, 10, pytest.approx(0.7))
+    target = tmp_path / "out.mp4"
+    run_segment = _segments(networks, {"scale": 2}, (96, 64), [], VideoOutput(crf=0, preset="ultrafast"))
+    assert _restore(source, target, header, run_segment, segment_s=0.2).frames == 7
+    out = probe_video(target, LimitsConfig())
+    assert (out.frames, out.rate, out.width, out.height, out.codec) == (7, 10, 96, 64, "h264")
+    assert _pts_s(target) == pytest.approx(_pts_s(source), abs=1e-3)
+    for ours, frame in zip(_frames(target), _frames(source)):
+        still = restore_with(networks, frame, model=MODEL, scale=2).pixels
+        assert np.abs(ours.astype(int) - still.astype(int)).mean() < 3
+
+
+def test_a_gif_or_png_of_one_frame_is_a_still_picture(tmp_path, small_photo):
+    png = cv2.imencode(".png", small_photo)[1].tobytes()
+    assert not looks_like_video(png)  # a PNG without an animation chunk goes the picture way
+    with pytest.raises(UnsupportedFormat, match="one frame"):
+        probe_video(_animation(tmp_path / "one.gif", "gif", frames=1), LimitsConfig())
 
 
 def test_limits_are_checked_from_the_header(tmp_path):

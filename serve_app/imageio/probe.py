@@ -70,7 +70,8 @@ def probe(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageHeader:
 
 def _check_size(fmt: str, width: int, height: int, max_pixels: int) -> None:
     if fmt not in SUPPORTED:
-        raise UnsupportedFormat(f"{fmt} images are not supported; send PNG, JPEG, WebP, BMP or TIFF")
+        animated = " (an animated GIF is restored as a video job: POST /v1/jobs)" if fmt == "GIF" else ""
+        raise UnsupportedFormat(f"{fmt} images are not supported; send PNG, JPEG, WebP, BMP or TIFF{animated}")
     if width <= 0 or height <= 0:
         raise NotAnImage(f"the header claims an empty {width}x{height} image")
     if width * height > max_pixels:

@@ -37,7 +37,7 @@ from serve_app.jobs.webhooks import Webhooks
 from serve_app.metrics import count_job
 from serve_app.video.options import split_video_options
 from serve_app.video.pipeline import OnFrames, Progress, Segment, VideoOutput, restore_video
-from serve_app.video.probe import check_output, looks_like_video, probe_video
+from serve_app.video.probe import HEAD_BYTES, check_output, looks_like_video, probe_video
 
 log = logging.getLogger("ray.serve")
 PASSING = (Overloaded, ReplicaLost, RequestTimeout, WeightsUnavailable)  # may succeed if tried again
@@ -97,7 +97,7 @@ class JobConsumer:
             source = Path(work) / "input"
             self._fetch(job, source)
             with source.open("rb") as f:
-                is_video = looks_like_video(f.read(16))
+                is_video = looks_like_video(f.read(HEAD_BYTES))
             values, video = split_video_options(job.options)
             options = RestoreOptions.model_validate(values)
             if is_video:

@@ -38,6 +38,7 @@ from serve_app.video.probe import VideoHeader
 
 _ENCODERS = {"h264": "libx264", "hevc": "libx265"}
 _ENCODED_FORMAT = "mp4"  # keeps every timestamp as the encoder gave it, in the input's time base
+_PART_CONTAINERS = {"mov,mp4,m4a,3gp,3g2,mj2": ("mp4", "mp4"), "gif": ("gif", "gif"), "apng": ("png", "apng")}
 _REORDER_DEPTH = 32  # packets after a keyframe searched for a frame shown before it (an open GOP)
 
 
@@ -149,8 +150,9 @@ def cut(source: Path, workdir: Path, segment_s: float) -> list[Segment]:
     try:
         with av.open(str(source), "r") as inp:
             video = inp.streams.video[0]
-            # the input's own kind of container: Matroska leaves some packets without a decode time
-            kind = "mp4" if inp.format.name.startswith("mov") else "mkv"
+            # the input's own kind of container: Matroska leaves some packets without a decode
+            # time, and GIF and APNG are only held by their own
+            suffix, kind = _PART_CONTAINERS.get(inp.format.name, ("mkv", "matroska"))
             packets = [(p.pts, p.is_keyframe) for p in inp.demux(video) if p.size]
             starts = sorted(_cut_points(packets, float(video.time_base), segment_s)) + [len(packets)]
             rate = Fraction(video.average_rate or video.guessed_rate)
@@ -158,8 +160,8 @@ def cut(source: Path, workdir: Path, segment_s: float) -> list[Segment]:
             demuxed = (p for p in inp.demux(video) if p.size)
             segments = []
             for n, (start, end) in enumerate(zip(starts, starts[1:])):
-                path = workdir / f"segment-{n}.{kind}"
-                with av.open(str(path), "w") as out:
+                path = workdir / f"segment-{n}.{suffix}"
+                with av.open(str(path), "w", format=kind) as out:
                     stream = out.add_stream_from_template(video)
                     for packet in itertools.islice(demuxed, end - start):
                         packet.stream = stream

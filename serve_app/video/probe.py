@@ -17,14 +17,35 @@ from serve_app.errors import CorruptVideo, NoVideoStream, TooManyPixels, Unsuppo
 
 # FFmpeg's demuxer names for the containers taken, and the container each is written back as:
 # MP4 and MOV stay MP4 (H.264 and AAC as QuickTime holds them); Matroska and WebM become Matroska,
-# which holds H.264 and any audio or subtitle codec WebM may carry.
-CONTAINERS = {"mov,mp4,m4a,3gp,3g2,mj2": "mp4", "matroska,webm": "matroska"}
-_SIGNATURES = ((4, b"ftyp"), (0, b"\x1a\x45\xdf\xa3"))  # ISO base media (MP4, MOV), EBML (MKV, WebM)
+# which holds H.264 and any audio or subtitle codec WebM may carry; animated GIF and PNG become
+# MP4, as the web's GIF hosts serve them.
+CONTAINERS = {"mov,mp4,m4a,3gp,3g2,mj2": "mp4", "matroska,webm": "matroska", "gif": "mp4", "apng": "mp4"}
+ANIMATIONS = ("gif", "apng")  # their frames are counted from their packets: the header has no count
+_SIGNATURES = ((4, b"ftyp"), (0, b"\x1a\x45\xdf\xa3"),  # ISO base media (MP4, MOV), EBML (MKV, WebM)
+               (0, b"GIF87a"), (0, b"GIF89a"))
+_PNG = b"\x89PNG\r\n\x1a\n"
+HEAD_BYTES = 4096  # enough to find an APNG's animation chunk behind the usual ones before it
 
 
 def looks_like_video(data: bytes) -> bool:
-    """Whether ``data`` starts as an MP4, MOV, MKV or WebM file does (a first, cheap look)."""
-    return any(data[at:at + len(magic)] == magic for at, magic in _SIGNATURES)
+    """Whether ``data`` starts as an MP4, MOV, MKV, WebM, GIF or animated PNG file does (a first,
+    cheap look at up to ``HEAD_BYTES``)."""
+    return any(data[at:at + len(magic)] == magic for at, magic in _SIGNATURES) or _animated_png(data)
+
+
+def _animated_png(data: bytes) -> bool:
+    """A PNG with an animation control chunk (acTL), which must come before its first image data."""
+    if not data.startswith(_PNG):
+        return False
+    at = len(_PNG)
+    while at + 8 <= len(data):
+        length, kind = int.from_bytes(data[at:at + 4], "big"), data[at + 4:at + 8]
+        if kind == b"acTL":
+            return True
+        if kind == b"IDAT":
+            return False
+        at += length + 12  # length, type, data, CRC
+    return False
 
 
 @dataclass(frozen=True)
@@ -62,7 +83,8 @@ def probe_video(source: Path | bytes | BinaryIO, limits: LimitsConfig) -> VideoH
 def _header(container, limits: LimitsConfig) -> VideoHeader:
     kind = CONTAINERS.get(container.format.name)
     if kind is None:
-        raise UnsupportedFormat(f"{container.format.long_name} files are not supported; send MP4, MOV, MKV or WebM")
+        raise UnsupportedFormat(f"{container.format.long_name} files are not supported; send MP4, MOV, MKV, WebM, "
+                                "or an animated GIF or PNG")
     if not container.streams.video:
         raise NoVideoStream("the file holds no video stream")
     stream = container.streams.video[0]
@@ -73,12 +95,30 @@ def _header(container, limits: LimitsConfig) -> VideoHeader:
     rate = stream.average_rate or stream.guessed_rate
     if not width or not height or not rate:
         raise CorruptVideo("the video stream's header gives no frame size or frame rate")
-    duration = _duration(stream, container)
-    frames = stream.frames or round(duration * rate)
-    header = VideoHeader(kind, context.name, width, height, Fraction(rate), frames, bool(stream.frames), duration,
+    if container.format.name in ANIMATIONS:
+        frames, duration = _count(container, stream)
+        if frames < 2:
+            raise UnsupportedFormat("a GIF or PNG of one frame is a still picture: send it as PNG, JPEG or WebP "
+                                    "to /v1/restore")
+    else:
+        duration = _duration(stream, container)
+        frames = stream.frames or round(duration * rate)
+    header = VideoHeader(kind, context.name, width, height, Fraction(rate), frames,
+                         bool(stream.frames) or container.format.name in ANIMATIONS, duration,
                          tuple(s.type for s in container.streams if s.type in ("audio", "subtitle")))
     check_limits(header, limits)
     return header
+
+
+def _count(container, stream) -> tuple[int, float]:
+    """An animation's frames and duration, from its packets (read, not decoded)."""
+    frames, first, end = 0, None, 0
+    for packet in container.demux(stream):
+        if packet.size and packet.pts is not None:
+            frames += 1
+            first = packet.pts if first is None else first
+            end = max(end, packet.pts + (packet.duration or 0))
+    return frames, float((end - (first or 0)) * stream.time_base)
 
 
 def _duration(stream, container) -> float:
