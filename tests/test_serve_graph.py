@@ -277,12 +277,13 @@ def test_the_shipped_gpu_shares_give_each_upscaler_a_gpu_of_its_own_on_a_node_of
         def place(name: str):
             return _Placed.options(num_gpus=shipped[name], resources={"four_gpus": 1}).remote()
         order = ["UpscalerDeployment", "FaceDeployment"] + ["UpscalerDeployment"] * 3 + ["FaceDeployment"] * 3
-        actors = [place(name) for name in order]
-        gpus = [ray.get(actor.gpu.remote(), timeout=180) for actor in actors]  # a worker process each
-        by_gpu: dict = {}
-        for name, ids in zip(order, gpus):
-            by_gpu.setdefault(tuple(ids), []).append(name)
-        assert sorted(by_gpu.values()) == [["UpscalerDeployment", "FaceDeployment"]] * 4, by_gpu
+        actors, by_gpu = [], {}
+        for name in order:  # one after the other, as the autoscaler adds them
+            actors.append(place(name))
+            gpu = tuple(ray.get(actors[-1].gpu.remote(), timeout=180))  # a worker process each
+            by_gpu.setdefault(gpu, []).append(name)
+        assert sorted(sorted(names) for names in by_gpu.values()) == [["FaceDeployment", "UpscalerDeployment"]] * 4, \
+            by_gpu
         # and a fifth upscaler waits for another node rather than share a GPU with one
         fifth = place("UpscalerDeployment")
         ready, _ = ray.wait([fifth.gpu.remote()], timeout=3)
