@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from typing import Callable
+from typing import Callable, Hashable
 
 import numpy as np
 from ray import serve
@@ -72,7 +72,7 @@ class FaceDeployment(GpuReplica):
             raise RequestTimeout() from None
 
     async def _restore(self, work: np.ndarray, face_model: str, strength: float, only_center_face: bool,
-                       aligned: bool, party) -> tuple[FoundFaces, list[np.ndarray], list[np.ndarray]]:
+                       aligned: bool, party: Hashable) -> tuple[FoundFaces, list[np.ndarray], list[np.ndarray]]:
         entered = time.perf_counter()
         engine = self.engines.get(face_model)
         detect_wait = detect = 0.0
