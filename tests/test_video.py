@@ -101,7 +101,7 @@ def test_a_video_keeps_its_frames_rate_duration_and_other_streams(networks, tmp_
     assert reports[-1].frames_total == 12 and reports[-1].eta_s == 0 and reports[-1].fps > 0
 
 
-def test_parts_start_only_at_keyframes_no_later_frame_refers_back_past(tmp_path):
+def test_segments_start_only_at_keyframes_no_later_frame_refers_back_past(tmp_path):
     closed = make_video(tmp_path / "closed.mp4", seconds=2.0, audio=False, keyframe_every=6)
     opened = make_video(tmp_path / "open.mp4", seconds=2.0, audio=False, keyframe_every=6, open_gop=True)
     for source, count in ((closed, 4), (opened, 1)):  # an open GOP's keyframes have leading B-frames
@@ -125,7 +125,7 @@ def test_an_odd_output_size_loses_its_last_row_for_yuv420_and_keeps_it_for_yuv44
         assert (out.width, out.height, out.frames) == (*size, 6)
 
 
-def test_a_cancel_seen_in_a_progress_report_stops_every_part(networks, tmp_path):
+def test_a_cancel_seen_in_a_progress_report_stops_every_segment(networks, tmp_path):
     source = make_video(tmp_path / "in.mp4", seconds=4.0, keyframe_every=12)
     header = probe_video(source, LimitsConfig())
     seen = []
