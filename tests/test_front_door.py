@@ -412,10 +412,12 @@ def test_sigterm_drains_requests_in_flight_then_leaves_no_ray_process(launched, 
             in_flight = asyncio.ensure_future(
                 http.post("/v1/restore", params={"model": "RealESRGAN_x4plus"}, content=in_flight_picture))
             await asyncio.sleep(1.0)
-            # Jobs the stop catches, one running and two queued (one consumer thread here): the
-            # next test restarts the service for them.
+            # Jobs the stop catches, one running and the rest queued (one consumer thread here):
+            # the next test restarts the service for them. The drain lasts as long as the picture
+            # in flight, whose tiles the jobs' tiles share the batches with, so the jobs are more
+            # than the drain can finish.
             launched["jobs"] = [(await http.post("/v1/jobs", params={"model": "RealESRGAN_x4plus"},
-                                                 content=slow_job)).json()["id"] for _ in range(3)]
+                                                 content=slow_job)).json()["id"] for _ in range(8)]
             process.send_signal(signal.SIGTERM)
 
             async def probe():
