@@ -107,7 +107,7 @@ def test_segments_start_only_at_keyframes_no_later_frame_refers_back_past(tmp_pa
     for source, count in ((closed, 4), (opened, 1)):  # an open GOP's keyframes have leading B-frames
         work = tmp_path / source.stem
         work.mkdir()
-        segments = cut(source, work, segment_s=0.4)
+        segments = cut(source, work, segment_s=0.4, rate=probe_video(source, LimitsConfig()).rate)
         assert len(segments) == count
         assert sum(len(_frames(segment.path)) for segment in segments) == 24  # every frame decodes in its segment
         assert [p for segment in segments for p in packets_of(segment.path, "video")] == packets_of(source, "video")

@@ -116,7 +116,7 @@ class PreprocessDeployment:
         networks = self.networks.for_party(party)
 
         def submit(frame: np.ndarray):
-            return asyncio.run_coroutine_threadsafe(self._video_frame(frame, options, networks), loop)
+            return asyncio.run_coroutine_threadsafe(self._video_frame(frame, options, networks, stop), loop)
 
         def on_frames(n: int) -> None:
             if stop.is_set():
@@ -146,10 +146,11 @@ class PreprocessDeployment:
             stop.set()  # the caller went (a cancel) or the stream ended: the threads stop at their next frame
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    async def _video_frame(self, frame: np.ndarray, options: RestoreOptions, networks: _GpuDeployments
-                           ) -> np.ndarray:
-        """A frame restored; a graph at capacity makes it wait its turn, as a job waits."""
-        while True:
+    async def _video_frame(self, frame: np.ndarray, options: RestoreOptions, networks: _GpuDeployments,
+                           stop: threading.Event) -> np.ndarray:
+        """A frame restored; a graph at capacity makes it wait its turn, as a job waits, until
+        its segment is stopped (the encoding thread waits on this frame and would not see it)."""
+        while not stop.is_set():
             try:
                 pixels = check_array(frame, max_pixels=self.runtime.limits.max_pixels)
                 deadline = time.time() + self.runtime.request_timeout_s
@@ -159,6 +160,7 @@ class PreprocessDeployment:
                 if not isinstance(error, Overloaded):
                     raise error from None
                 await asyncio.sleep(error.retry_after_s)
+        raise Stopped()
 
     async def _restore(self, pixels: np.ndarray, options: RestoreOptions, timings: dict,
                        deadline: float | None, networks: _GpuDeployments | None = None) -> Restored:

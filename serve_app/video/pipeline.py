@@ -38,7 +38,7 @@ from serve_app.video.probe import VideoHeader
 
 _ENCODERS = {"h264": "libx264", "hevc": "libx265"}
 _ENCODED_FORMAT = "mp4"  # keeps every timestamp as the encoder gave it, in the input's time base
-_PART_CONTAINERS = {"mov,mp4,m4a,3gp,3g2,mj2": ("mp4", "mp4"), "gif": ("gif", "gif"), "apng": ("png", "apng")}
+_SEGMENT_CONTAINERS = {"mov,mp4,m4a,3gp,3g2,mj2": ("mp4", "mp4"), "gif": ("gif", "gif"), "apng": ("png", "apng")}
 _REORDER_DEPTH = 32  # packets after a keyframe searched for a frame shown before it (an open GOP)
 
 
@@ -105,7 +105,7 @@ def restore_video(source: Path, target: Path, header: VideoHeader, run_segment: 
     ``run_segment``. ``on_progress`` is called at most every ``progress_every_s`` and at the end;
     raising from it (a cancelled job) stops every segment, leaving ``workdir`` and ``target`` for
     the caller to remove."""
-    segments = cut(source, workdir, segment_s)
+    segments = cut(source, workdir, segment_s, header.rate)
     outputs = [workdir / f"restored-{i}.{_ENCODED_FORMAT}" for i in range(len(segments))]
     lock, stop, done = threading.Lock(), threading.Event(), [0]
     started = time.monotonic()
@@ -143,8 +143,9 @@ def restore_video(source: Path, target: Path, header: VideoHeader, run_segment: 
     return VideoResult(frames, len(segments), width, height, header.rate, float(frames / header.rate))
 
 
-def cut(source: Path, workdir: Path, segment_s: float) -> list[Segment]:
-    """``source``'s video packets, copied into segments of about ``segment_s`` seconds each."""
+def cut(source: Path, workdir: Path, segment_s: float, rate: Fraction) -> list[Segment]:
+    """``source``'s video packets, copied into segments of about ``segment_s`` seconds each;
+    ``rate`` is its frame rate as the header gave it."""
     import av
 
     try:
@@ -152,10 +153,11 @@ def cut(source: Path, workdir: Path, segment_s: float) -> list[Segment]:
             video = inp.streams.video[0]
             # the input's own kind of container: Matroska leaves some packets without a decode
             # time, and GIF and APNG are only held by their own
-            suffix, kind = _PART_CONTAINERS.get(inp.format.name, ("mkv", "matroska"))
+            suffix, kind = _SEGMENT_CONTAINERS.get(inp.format.name, ("mkv", "matroska"))
             packets = [(p.pts, p.is_keyframe) for p in inp.demux(video) if p.size]
+            if not packets:
+                raise CorruptVideo("the video stream holds no frames")
             starts = sorted(_cut_points(packets, float(video.time_base), segment_s)) + [len(packets)]
-            rate = Fraction(video.average_rate or video.guessed_rate)
             inp.seek(0)
             demuxed = (p for p in inp.demux(video) if p.size)
             segments = []
