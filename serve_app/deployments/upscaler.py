@@ -62,13 +62,13 @@ class UpscalerDeployment(GpuReplica):
         key = (model, denoise)
         engine = self.engines.get(*key)
         pixels = tiles.shape[0] * tiles.shape[2] * tiles.shape[3]
+        party = party or object()
         try:
-            cost = self.admission.admit(key, pixels, deadline, f"{model} on {len(tiles)} tiles")
+            cost = self.admission.admit(key, pixels, deadline, f"{model} on {len(tiles)} tiles", party)
         except TooMuchWork as exc:
             raise TooMuchWork(f"{exc.detail}{self._lighter_models(model, pixels)}") from None
         try:
             timeout = None if deadline is None else deadline - time.time()
-            party = party or object()
             tiles_done = asyncio.gather(*(self.batcher.submit((key, engine, x), party) for x in tiles))
             tiles_done.add_done_callback(_retrieve)  # cancelled with its request: nothing to log
             done: list[_Tile] = await asyncio.wait_for(tiles_done, timeout)
