@@ -128,7 +128,7 @@ def openapi() -> dict:
                                "operationId": "models", "security": keyed,
                                "responses": {"200": {"description": "The models", "content": {"application/json": {
                                    "schema": {"type": "object"}}}}, **_errors(405, *_KEYED)}}},
-        "/v1/stats": {"get": {"summary": "What the GPU replicas report of themselves (scope admin)",
+        "/v1/stats": {"get": {"summary": "What the replicas report of themselves (scope admin)",
                               "operationId": "stats", "security": keyed,
                               "responses": {"200": {"description": "Stats", "content": {"application/json": {
                                   "schema": {"type": "object"}}}}, **_errors(405, 503, *_KEYED)}}},

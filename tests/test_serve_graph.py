@@ -315,6 +315,9 @@ def test_api_keys_decide_who_may_call_what(deployed, client, small_photo):
     assert httpx.get(f"{URL}/healthz").status_code == 200  # health is for load balancers: no key
     stats = client.get("/v1/stats")  # admin
     assert stats.status_code == 200 and stats.json()["upscaler"]["device"] == "cpu"
+    for part in ("ingress", "preprocess", "upscaler", "faces"):  # each replica's host memory
+        memory = stats.json()[part]["memory"]
+        assert 0 < memory["malloc_live_bytes"] < memory["resident_bytes"] and memory["python_blocks"] > 0
 
 
 def test_the_proxy_speaks_only_tls_with_the_configured_certificate(deployed):

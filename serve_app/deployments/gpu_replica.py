@@ -15,7 +15,7 @@ import torch
 
 from serve_app.config import AppArgs, EngineConfig, RuntimeConfig
 from serve_app.deployments.gpu import StepTimes, cap_gpu_memory, gpu_memory, gpu_waits, sleep_while_gpu_works
-from serve_app.deployments.heap import freeze_heap, keep_freed_memory
+from serve_app.deployments.heap import freeze_heap, keep_freed_memory, memory_usage
 from serve_app.deployments.logs import quiet_client_errors
 from serve_app.deployments.models import EngineCache
 from serve_app.deployments.threads import Workers
@@ -81,5 +81,6 @@ class GpuReplica:
                 "engine_builds": dict(self.engines.builds),
                 "node_id": ray.get_runtime_context().get_node_id(), "times": self.times.summary(),
                 "gpu_memory": gpu_memory(self.device, self.memory_fraction), "gpu_waits": gpu_waits(),
+                "memory": memory_usage(),
                 "engine": self.args.model_dump(mode="json", include=set(EngineConfig.model_fields)),
                 "runtime": self.runtime.model_dump(mode="json")}

@@ -9,6 +9,9 @@ memory at the top of each heap, makes the next request reuse them. Buffers of 32
 (the largest pictures' float stitching and paste buffers) are still returned, so a replica
 keeps at most about 128 MB per heap beyond what it holds.
 
+``memory_usage``: what a replica reports of its memory in ``/v1/stats``. Its resident size alone
+cannot tell a leak from the buffers kept above: the allocator's live bytes can.
+
 ``freeze_heap``: a replica's heap after start-up holds millions of objects (torch, its
 compiler, Ray), all long-lived. CPython's oldest-generation collection walks every one of
 them: a serving replica's full collections took up to seconds each, every few tens of seconds,
@@ -21,6 +24,8 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+import os
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,32 @@ def keep_freed_memory() -> bool:
         return False
     # Setting either threshold also stops glibc's own adjusting of both, so set both.
     return bool(mallopt(_M_MMAP_THRESHOLD, KEPT_BUFFER_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, KEPT_FREE_BYTES))
+
+
+class _Mallinfo2(ctypes.Structure):  # glibc 2.33 and later (malloc.h)
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def memory_usage() -> dict:
+    """This process's memory: ``resident_bytes``; ``malloc_live_bytes``, what the C heap holds in
+    use (native buffers, and Python objects over 512 bytes), and ``malloc_kept_bytes``, what it
+    keeps freed for reuse (None without glibc's mallinfo2); ``python_blocks``, the small Python
+    objects alive. A leak grows the live figures; kept buffers grow only the resident one."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/self/statm") as statm:
+            resident = int(statm.read().split()[1]) * page
+    except OSError:  # not Linux
+        resident = None
+    usage = {"resident_bytes": resident, "malloc_live_bytes": None, "malloc_kept_bytes": None,
+             "python_blocks": sys.getallocatedblocks()}
+    mallinfo2 = getattr(ctypes.CDLL(None), "mallinfo2", None)
+    if mallinfo2 is not None:
+        mallinfo2.restype = _Mallinfo2
+        info = mallinfo2()
+        usage.update(malloc_live_bytes=info.uordblks + info.hblkhd, malloc_kept_bytes=info.fordblks)
+    return usage
 
 
 def freeze_heap() -> None:

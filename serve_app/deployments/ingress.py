@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Awaitable, Callable, get_args
@@ -28,7 +29,7 @@ from serve_app.api import RestoreOptions, Restored, parse_options
 from serve_app.config import ApiKeyConfig, AppArgs, RuntimeConfig, Scope
 from serve_app.deployments.failures import typed_error
 from serve_app.deployments.health import can_serve, graph_health
-from serve_app.deployments.heap import freeze_heap, keep_freed_memory
+from serve_app.deployments.heap import freeze_heap, keep_freed_memory, memory_usage
 from serve_app.deployments.logs import quiet_client_errors
 from serve_app.deployments.jobs_api import JobsApi
 from serve_app.deployments.request_body import (
@@ -163,6 +164,7 @@ class Ingress:
                                                 image_request(request, self.runtime.limits))
         options = parse_options(values)
         request.state.model = options.upscaler or "none"
+        self._check_models(options)  # a model known missing costs the caller none of its pixels
         await self._charge_pixels(request, data)
         result = await self._in_graph(options, lambda deadline: self.preprocess.restore_bytes.remote(
             data, options, deadline))
@@ -182,9 +184,10 @@ class Ingress:
         self._check_room()
         document = json_object(await within(self.runtime.body_timeout_s, raw_body(request, self.runtime.limits)))
         data = base64_field(document.get("img_str"), "img_str")
-        await self._charge_pixels(request, data)
         options = parse_options({"format": "png"})
         request.state.model = options.upscaler
+        self._check_models(options)
+        await self._charge_pixels(request, data)
         result = await self._in_graph(options, lambda deadline: self.preprocess.restore_bytes.remote(
             data, options, deadline))
         return JSONResponse(base64.b64encode(result.data).decode())
@@ -240,9 +243,12 @@ class Ingress:
                                             "cache-control": "no-cache"})
 
     async def _http_stats(self, request: Request) -> Response:
-        """What the GPU replicas report of themselves (one replica of each, as Serve routes)."""
-        up, face = await asyncio.gather(self.upscaler.stats.remote(), self.faces.stats.remote())
-        body = {"upscaler": up, "faces": face, "ingress": {"in_flight": self.in_flight}}
+        """What the replicas report of themselves: this ingress replica, and one of each other
+        deployment, as Serve routes."""
+        up, face, cpu = await asyncio.gather(self.upscaler.stats.remote(), self.faces.stats.remote(),
+                                             self.preprocess.stats.remote())
+        body = {"upscaler": up, "faces": face, "preprocess": cpu,
+                "ingress": {"pid": os.getpid(), "in_flight": self.in_flight, "memory": memory_usage()}}
         return Response(json.dumps(body, default=str), media_type="application/json")  # numpy numbers, paths
 
     # ------------------------------------------------------------------ Python API

@@ -9,6 +9,7 @@ ingress never handles pixels.
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 import threading
 import time
@@ -24,7 +25,7 @@ from serve_app.api import Restored, RestoreOptions
 from serve_app.config import AppArgs, RuntimeConfig
 from serve_app.cpu.restore import restore, timed
 from serve_app.deployments.failures import typed_error
-from serve_app.deployments.heap import freeze_heap, keep_freed_memory
+from serve_app.deployments.heap import freeze_heap, keep_freed_memory, memory_usage
 from serve_app.deployments.logs import quiet_client_errors
 from serve_app.deployments.threads import Workers
 from serve_app.errors import Overloaded, RequestTimeout, RestoreError
@@ -65,6 +66,9 @@ class PreprocessDeployment:
 
     def ping(self) -> bool:
         return True
+
+    def stats(self) -> dict:
+        return {"pid": os.getpid(), "memory": memory_usage()}
 
     async def restore_bytes(self, data: bytes, options: RestoreOptions, deadline: float | None = None) -> Encoded:
         try:
