@@ -63,13 +63,14 @@ class Admission:
         if cost > self.request_timeout_s:
             raise TooMuchWork(f"{what} needs about {cost:.0f} s on this replica's device; the request "
                               f"timeout is {self.request_timeout_s:.0f} s")
-        ahead = self._ahead(object() if party is None else party, cost)
+        party = object() if party is None else party
+        ahead = self._ahead(party, cost)
         if deadline is not None and ahead + cost > deadline - time.time():
             raise Overloaded(f"{ahead:.0f} s of admitted work is ahead of this request, which "
                              f"needs about {cost:.0f} s more; it would not finish in time",
                              retry_after_s=math.ceil(ahead))
         self._tickets += 1
-        self._admitted[self._tickets] = (object() if party is None else party, cost)
+        self._admitted[self._tickets] = (party, cost)
         return _Cost(cost, self._tickets)
 
     def release(self, cost: float) -> None:

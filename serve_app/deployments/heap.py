@@ -50,6 +50,11 @@ class _Mallinfo2(ctypes.Structure):  # glibc 2.33 and later (malloc.h)
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
+_mallinfo2 = getattr(ctypes.CDLL(None), "mallinfo2", None)
+if _mallinfo2 is not None:
+    _mallinfo2.restype = _Mallinfo2
+
+
 def memory_usage() -> dict:
     """This process's memory: ``resident_bytes``; ``malloc_live_bytes``, what the C heap holds in
     use (native buffers, and Python objects over 512 bytes), and ``malloc_kept_bytes``, what it
@@ -63,10 +68,8 @@ def memory_usage() -> dict:
         resident = None
     usage = {"resident_bytes": resident, "malloc_live_bytes": None, "malloc_kept_bytes": None,
              "python_blocks": sys.getallocatedblocks()}
-    mallinfo2 = getattr(ctypes.CDLL(None), "mallinfo2", None)
-    if mallinfo2 is not None:
-        mallinfo2.restype = _Mallinfo2
-        info = mallinfo2()
+    if _mallinfo2 is not None:
+        info = _mallinfo2()
         usage.update(malloc_live_bytes=info.uordblks + info.hblkhd, malloc_kept_bytes=info.fordblks)
     return usage
 

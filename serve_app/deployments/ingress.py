@@ -164,7 +164,7 @@ class Ingress:
                                                 image_request(request, self.runtime.limits))
         options = parse_options(values)
         request.state.model = options.upscaler or "none"
-        self._check_models(options)  # a model known missing costs the caller none of its pixels
+        self._check_models(options)  # before the caller's pixels are charged
         await self._charge_pixels(request, data)
         result = await self._in_graph(options, lambda deadline: self.preprocess.restore_bytes.remote(
             data, options, deadline))
@@ -262,6 +262,7 @@ class Ingress:
         """
         try:
             parsed = parse_options({k: v for k, v in options.items() if k not in ("format", "quality")})
+            self._check_models(parsed)
             return await self._in_graph(parsed, lambda deadline: self.preprocess.restore_array.remote(
                 image, parsed, deadline))
         except Exception as exc:  # noqa: BLE001  callers get our typed errors, as over HTTP
@@ -320,9 +321,9 @@ class Ingress:
 
     async def _in_graph(self, options: RestoreOptions, call: Callable[[float], Awaitable]):
         """``call(deadline)``'s answer, the request counted in flight meanwhile; RequestTimeout (the
-        work downstream cancelled) once ``request_timeout_s`` has passed."""
+        work downstream cancelled) once ``request_timeout_s`` has passed. The caller has checked
+        ``options``' models (``_check_models``) before any work of its own."""
         self._check_room()
-        self._check_models(options)
         self.in_flight += 1
         timeout = self.runtime.request_timeout_s
         response = call(time.time() + timeout)
